@@ -2,3 +2,10 @@
 //! the API, the store, the worker and the trainer share.
 
 pub mod dataset;
+pub mod ids;
+pub mod spec;
+pub mod status;
+
+pub use ids::{CheckpointId, EventId, FileId, InvalidId, JobId};
+pub use spec::{JobSpec, SpecError, SpecErrorKind};
+pub use status::JobStatus;

@@ -1,0 +1,927 @@
+//! The fine-tuning job create request, parsed into a validated [`JobSpec`].
+//!
+//! The request is walked as JSON by hand, not derived, so every error names the exact parameter
+//! (`method.supervised.hyperparameters.n_epochs`) and the allowed range, as OpenAI's do.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::ids::{FileId, JobId};
+
+/// The default learning rate of LoRA; `learning_rate_multiplier` scales it.
+pub const LORA_DEFAULT_LEARNING_RATE: f64 = 1e-4;
+/// OpenAI's accepted range of `seed`.
+pub const MAX_SEED: u64 = 2_147_483_647;
+/// The linear layers of a Llama-family decoder block, by their Hugging Face names.
+pub const LORA_TARGET_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// A rejected create request: `param` is the dotted path of the bad field.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct SpecError {
+    pub kind: SpecErrorKind,
+    pub param: Option<String>,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpecErrorKind {
+    /// A missing, malformed or out-of-range value.
+    Invalid,
+    /// A value the API recognises but cannot serve yet (`dpo`, `full`, …).
+    Unsupported,
+}
+
+impl SpecError {
+    fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: SpecErrorKind::Invalid,
+            param: Some(param.into()),
+            message: message.into(),
+        }
+    }
+
+    fn unsupported(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: SpecErrorKind::Unsupported,
+            param: Some(param.into()),
+            message: message.into(),
+        }
+    }
+
+    /// A stable code for the error envelope.
+    pub fn code(&self) -> &'static str {
+        match self.kind {
+            SpecErrorKind::Invalid => "invalid_value",
+            SpecErrorKind::Unsupported => "unsupported_value",
+        }
+    }
+}
+
+/// A validated job: every "auto" is resolved, so the job echoes exactly what it trains with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub model: String,
+    pub training_file: FileId,
+    pub validation_file: Option<FileId>,
+    pub suffix: Option<String>,
+    pub seed: u64,
+    pub metadata: Option<BTreeMap<String, String>>,
+    pub method: Method,
+    pub training_type: TrainingType,
+}
+
+/// The training method, in OpenAI's `method` shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Method {
+    Supervised { supervised: SupervisedMethod },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SupervisedMethod {
+    pub hyperparameters: Hyperparameters,
+}
+
+/// Resolved supervised hyperparameters: OpenAI's three plus ours.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hyperparameters {
+    pub n_epochs: u32,
+    pub batch_size: u32,
+    /// The multiple of the approach's default learning rate that `learning_rate` is.
+    pub learning_rate_multiplier: f64,
+    /// Absolute peak learning rate.
+    pub learning_rate: f64,
+    /// Longer examples are truncated to this many tokens.
+    pub max_seq_len: u32,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+/// How the weights are trained: the `training_type` extension.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TrainingType {
+    Lora(LoraConfig),
+}
+
+/// LoRA settings with PEFT's meaning.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// The rank of the adapter matrices.
+    pub r: u32,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: LORA_TARGET_MODULES[..4]
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
+        }
+    }
+}
+
+impl JobSpec {
+    /// Parses a create request body. `fallback_seed` is used when the request has no `seed`,
+    /// so the caller decides where randomness comes from.
+    pub fn parse(body: &Value, fallback_seed: u64) -> Result<JobSpec, SpecError> {
+        let body = body.as_object().ok_or_else(|| SpecError {
+            kind: SpecErrorKind::Invalid,
+            param: None,
+            message: "the request body must be a JSON object".into(),
+        })?;
+        reject_unknown_keys(body, "", TOP_LEVEL_KEYS)?;
+
+        let model = required_string(body, "model")?;
+        let training_file = file_id(body, "training_file")?.ok_or_else(|| {
+            SpecError::invalid(
+                "training_file",
+                "missing required parameter 'training_file'",
+            )
+        })?;
+        let validation_file = file_id(body, "validation_file")?;
+        let suffix = suffix(body)?;
+        let seed = seed(body)?.unwrap_or(fallback_seed % (MAX_SEED + 1));
+        let metadata = metadata(body)?;
+        reject_integrations(body)?;
+        let method = method(body)?;
+        let training_type = training_type(body)?;
+
+        Ok(JobSpec {
+            model,
+            training_file,
+            validation_file,
+            suffix,
+            seed,
+            metadata,
+            method,
+            training_type,
+        })
+    }
+
+    pub fn hyperparameters(&self) -> &Hyperparameters {
+        match &self.method {
+            Method::Supervised { supervised } => &supervised.hyperparameters,
+        }
+    }
+
+    pub fn lora(&self) -> &LoraConfig {
+        match &self.training_type {
+            TrainingType::Lora(lora) => lora,
+        }
+    }
+
+    /// The name of the model a successful job produces: `ft:{model}:{suffix or "studio"}:{job id}`.
+    pub fn fine_tuned_model(&self, job_id: &JobId) -> String {
+        let suffix = self.suffix.as_deref().unwrap_or("studio");
+        format!("ft:{}:{}:{}", self.model, suffix, job_id)
+    }
+}
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "model",
+    "training_file",
+    "validation_file",
+    "suffix",
+    "seed",
+    "metadata",
+    "method",
+    "hyperparameters",
+    "integrations",
+    "training_type",
+];
+
+const HYPERPARAMETER_KEYS: &[&str] = &[
+    "n_epochs",
+    "batch_size",
+    "learning_rate_multiplier",
+    "learning_rate",
+    "max_seq_len",
+    "weight_decay",
+];
+
+fn reject_unknown_keys(
+    object: &Map<String, Value>,
+    at: &str,
+    known: &[&str],
+) -> Result<(), SpecError> {
+    match object.keys().find(|key| !known.contains(&key.as_str())) {
+        None => Ok(()),
+        Some(key) => {
+            let param = join(at, key);
+            Err(SpecError::invalid(
+                param.clone(),
+                format!(
+                    "unknown parameter '{param}'; expected one of: {}",
+                    known.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+fn join(at: &str, key: &str) -> String {
+    if at.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{at}.{key}")
+    }
+}
+
+/// Returns the value of `key`, treating JSON `null` as absent.
+fn present<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    object.get(key).filter(|value| !value.is_null())
+}
+
+fn required_string(object: &Map<String, Value>, key: &str) -> Result<String, SpecError> {
+    match present(object, key) {
+        None => Err(SpecError::invalid(
+            key,
+            format!("missing required parameter '{key}'"),
+        )),
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => Err(SpecError::invalid(
+            key,
+            format!("'{key}' must not be empty"),
+        )),
+        Some(other) => Err(SpecError::invalid(
+            key,
+            format!("'{key}' must be a string, got {}", type_name(other)),
+        )),
+    }
+}
+
+fn file_id(object: &Map<String, Value>, key: &str) -> Result<Option<FileId>, SpecError> {
+    let Some(value) = present(object, key) else {
+        return Ok(None);
+    };
+    let Value::String(s) = value else {
+        return Err(SpecError::invalid(
+            key,
+            format!("'{key}' must be a file id string, got {}", type_name(value)),
+        ));
+    };
+    FileId::parse(s).map(Some).map_err(|err| {
+        SpecError::invalid(
+            key,
+            format!("'{key}': {err}; upload the file with POST /v1/files first"),
+        )
+    })
+}
+
+fn suffix(object: &Map<String, Value>) -> Result<Option<String>, SpecError> {
+    let Some(value) = present(object, "suffix") else {
+        return Ok(None);
+    };
+    let Value::String(s) = value else {
+        return Err(SpecError::invalid(
+            "suffix",
+            format!("'suffix' must be a string, got {}", type_name(value)),
+        ));
+    };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.';
+    if s.is_empty() || s.len() > 64 || !s.chars().all(allowed) {
+        return Err(SpecError::invalid(
+            "suffix",
+            format!("invalid 'suffix' {s:?}: use 1 to 64 ASCII letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(Some(s.clone()))
+}
+
+fn seed(object: &Map<String, Value>) -> Result<Option<u64>, SpecError> {
+    let Some(value) = present(object, "seed") else {
+        return Ok(None);
+    };
+    match value.as_u64() {
+        Some(seed) if seed <= MAX_SEED => Ok(Some(seed)),
+        _ => Err(SpecError::invalid(
+            "seed",
+            format!("invalid 'seed' {value}: expected an integer from 0 to {MAX_SEED}"),
+        )),
+    }
+}
+
+fn metadata(object: &Map<String, Value>) -> Result<Option<BTreeMap<String, String>>, SpecError> {
+    let Some(value) = present(object, "metadata") else {
+        return Ok(None);
+    };
+    let Value::Object(map) = value else {
+        return Err(SpecError::invalid(
+            "metadata",
+            "'metadata' must be an object of string values",
+        ));
+    };
+    if map.len() > 16 {
+        return Err(SpecError::invalid(
+            "metadata",
+            format!("'metadata' has {} keys; at most 16 are allowed", map.len()),
+        ));
+    }
+    let mut metadata = BTreeMap::new();
+    for (key, value) in map {
+        let param = format!("metadata.{key}");
+        if key.chars().count() > 64 {
+            return Err(SpecError::invalid(
+                param,
+                "metadata keys must be at most 64 characters long",
+            ));
+        }
+        match value {
+            Value::String(s) if s.chars().count() <= 512 => metadata.insert(key.clone(), s.clone()),
+            Value::String(_) => {
+                return Err(SpecError::invalid(
+                    param,
+                    "metadata values must be at most 512 characters long",
+                ))
+            }
+            other => {
+                return Err(SpecError::invalid(
+                    param,
+                    format!("metadata values must be strings, got {}", type_name(other)),
+                ))
+            }
+        };
+    }
+    Ok(Some(metadata))
+}
+
+fn reject_integrations(object: &Map<String, Value>) -> Result<(), SpecError> {
+    match present(object, "integrations") {
+        None => Ok(()),
+        Some(Value::Array(items)) if items.is_empty() => Ok(()),
+        Some(_) => Err(SpecError::unsupported(
+            "integrations",
+            "'integrations' are not supported yet; omit the field",
+        )),
+    }
+}
+
+fn method(body: &Map<String, Value>) -> Result<Method, SpecError> {
+    let legacy = present(body, "hyperparameters");
+    let Some(method) = present(body, "method") else {
+        let hyperparameters = hyperparameters(legacy, "hyperparameters")?;
+        return Ok(Method::Supervised {
+            supervised: SupervisedMethod { hyperparameters },
+        });
+    };
+
+    let Value::Object(method) = method else {
+        return Err(SpecError::invalid(
+            "method",
+            "'method' must be an object like {\"type\": \"supervised\"}",
+        ));
+    };
+    let method_type = match present(method, "type") {
+        None => {
+            return Err(SpecError::invalid(
+                "method.type",
+                "missing required parameter 'method.type'",
+            ))
+        }
+        Some(Value::String(t)) => t.as_str(),
+        Some(other) => {
+            return Err(SpecError::invalid(
+                "method.type",
+                format!("'method.type' must be a string, got {}", type_name(other)),
+            ))
+        }
+    };
+    match method_type {
+        "supervised" => {}
+        "dpo" | "distillation" => {
+            return Err(SpecError::unsupported(
+                "method.type",
+                format!("method.type '{method_type}' is not supported yet; use 'supervised'"),
+            ))
+        }
+        other => {
+            return Err(SpecError::invalid(
+                "method.type",
+                format!(
+                    "unknown method.type '{other}'; expected one of: supervised, dpo, distillation"
+                ),
+            ))
+        }
+    }
+    reject_unknown_keys(method, "method", &["type", "supervised"])?;
+
+    let nested = match present(method, "supervised") {
+        None => None,
+        Some(Value::Object(supervised)) => {
+            reject_unknown_keys(supervised, "method.supervised", &["hyperparameters"])?;
+            present(supervised, "hyperparameters")
+        }
+        Some(_) => {
+            return Err(SpecError::invalid(
+                "method.supervised",
+                "'method.supervised' must be an object",
+            ))
+        }
+    };
+    if nested.is_some() && legacy.is_some() {
+        return Err(SpecError::invalid(
+            "hyperparameters",
+            "give hyperparameters either at the top level or in method.supervised.hyperparameters, not both",
+        ));
+    }
+    let (source, at) = match nested {
+        Some(nested) => (Some(nested), "method.supervised.hyperparameters"),
+        None => (legacy, "hyperparameters"),
+    };
+    let hyperparameters = hyperparameters(source, at)?;
+    Ok(Method::Supervised {
+        supervised: SupervisedMethod { hyperparameters },
+    })
+}
+
+fn hyperparameters(value: Option<&Value>, at: &str) -> Result<Hyperparameters, SpecError> {
+    let empty = Map::new();
+    let object = match value {
+        None => &empty,
+        Some(Value::Object(object)) => object,
+        Some(_) => return Err(SpecError::invalid(at, format!("'{at}' must be an object"))),
+    };
+    reject_unknown_keys(object, at, HYPERPARAMETER_KEYS)?;
+
+    let knobs = Knobs { object, at };
+    let n_epochs = knobs.integer("n_epochs", 1, 50)?.unwrap_or(3);
+    let batch_size = knobs.integer("batch_size", 1, 256)?.unwrap_or(16);
+    let multiplier = knobs.number("learning_rate_multiplier", Range::open_closed(0.0, 10.0))?;
+    let learning_rate = knobs.number("learning_rate", Range::open_closed(0.0, 1.0))?;
+    let max_seq_len = knobs.integer("max_seq_len", 16, 32768)?.unwrap_or(1024);
+    let weight_decay = knobs
+        .number("weight_decay", Range::closed(0.0, 1.0))?
+        .unwrap_or(0.0);
+
+    let (learning_rate, learning_rate_multiplier) = match (learning_rate, multiplier) {
+        (Some(_), Some(_)) => {
+            return Err(SpecError::invalid(
+                join(at, "learning_rate"),
+                format!(
+                    "give either '{}' or '{}', not both",
+                    join(at, "learning_rate"),
+                    join(at, "learning_rate_multiplier")
+                ),
+            ))
+        }
+        (Some(lr), None) => (lr, lr / LORA_DEFAULT_LEARNING_RATE),
+        (None, Some(m)) => (LORA_DEFAULT_LEARNING_RATE * m, m),
+        (None, None) => (LORA_DEFAULT_LEARNING_RATE, 1.0),
+    };
+
+    Ok(Hyperparameters {
+        n_epochs: n_epochs as u32,
+        batch_size: batch_size as u32,
+        learning_rate_multiplier,
+        learning_rate,
+        max_seq_len: max_seq_len as u32,
+        weight_decay,
+    })
+}
+
+fn training_type(body: &Map<String, Value>) -> Result<TrainingType, SpecError> {
+    let Some(value) = present(body, "training_type") else {
+        return Ok(TrainingType::Lora(LoraConfig::default()));
+    };
+    let Value::Object(object) = value else {
+        return Err(SpecError::invalid(
+            "training_type",
+            "'training_type' must be an object like {\"type\": \"lora\"}",
+        ));
+    };
+    match present(object, "type") {
+        None => {
+            return Err(SpecError::invalid(
+                "training_type.type",
+                "missing required parameter 'training_type.type'",
+            ))
+        }
+        Some(Value::String(t)) if t == "lora" => {}
+        Some(Value::String(t)) if t == "full" => {
+            return Err(SpecError::unsupported(
+                "training_type.type",
+                "training_type.type 'full' is not supported yet; use 'lora'",
+            ))
+        }
+        Some(other) => {
+            return Err(SpecError::invalid(
+                "training_type.type",
+                format!("unknown training_type.type {other}; expected one of: lora, full"),
+            ))
+        }
+    }
+    reject_unknown_keys(
+        object,
+        "training_type",
+        &["type", "r", "alpha", "dropout", "target_modules"],
+    )?;
+
+    let defaults = LoraConfig::default();
+    let knobs = Knobs {
+        object,
+        at: "training_type",
+    };
+    let r = knobs.integer("r", 1, 256)?.map_or(defaults.r, |r| r as u32);
+    let alpha = knobs
+        .number("alpha", Range::open_closed(0.0, 1024.0))?
+        .unwrap_or(defaults.alpha);
+    let dropout = knobs
+        .number("dropout", Range::closed_open(0.0, 1.0))?
+        .unwrap_or(defaults.dropout);
+    let target_modules = target_modules(object)?.unwrap_or(defaults.target_modules);
+    Ok(TrainingType::Lora(LoraConfig {
+        r,
+        alpha,
+        dropout,
+        target_modules,
+    }))
+}
+
+fn target_modules(object: &Map<String, Value>) -> Result<Option<Vec<String>>, SpecError> {
+    const PARAM: &str = "training_type.target_modules";
+    let value = match present(object, "target_modules") {
+        None => return Ok(None),
+        Some(Value::String(s)) if s == "auto" => return Ok(None),
+        Some(value) => value,
+    };
+    let expected = format!(
+        "'{PARAM}' must be a non-empty list of module names from: {}",
+        LORA_TARGET_MODULES.join(", ")
+    );
+    let Value::Array(items) = value else {
+        return Err(SpecError::invalid(PARAM, expected));
+    };
+    if items.is_empty() {
+        return Err(SpecError::invalid(PARAM, expected));
+    }
+    let mut modules: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let name = match item.as_str() {
+            Some(name) if LORA_TARGET_MODULES.contains(&name) => name,
+            _ => {
+                return Err(SpecError::invalid(
+                    PARAM,
+                    format!(
+                        "unknown target module {item}; expected names from: {}",
+                        LORA_TARGET_MODULES.join(", ")
+                    ),
+                ))
+            }
+        };
+        if modules.iter().any(|m| m == name) {
+            return Err(SpecError::invalid(
+                PARAM,
+                format!("target module '{name}' is listed twice"),
+            ));
+        }
+        modules.push(name.to_owned());
+    }
+    Ok(Some(modules))
+}
+
+/// The numeric settings of one object; each accepts a number or `"auto"` (the default).
+struct Knobs<'a> {
+    object: &'a Map<String, Value>,
+    at: &'a str,
+}
+
+impl Knobs<'_> {
+    fn value(&self, key: &str) -> Option<&Value> {
+        match present(self.object, key) {
+            Some(Value::String(s)) if s == "auto" => None,
+            other => other,
+        }
+    }
+
+    fn integer(&self, key: &str, min: u64, max: u64) -> Result<Option<u64>, SpecError> {
+        let Some(value) = self.value(key) else {
+            return Ok(None);
+        };
+        match value.as_u64() {
+            Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(self.error(key, value, &format!("an integer from {min} to {max}"))),
+        }
+    }
+
+    fn number(&self, key: &str, range: Range) -> Result<Option<f64>, SpecError> {
+        let Some(value) = self.value(key) else {
+            return Ok(None);
+        };
+        match value.as_f64() {
+            Some(x) if range.contains(x) => Ok(Some(x)),
+            _ => Err(self.error(key, value, &format!("a number in {}", range.describe()))),
+        }
+    }
+
+    fn error(&self, key: &str, value: &Value, expected: &str) -> SpecError {
+        let param = join(self.at, key);
+        SpecError::invalid(
+            param.clone(),
+            format!("invalid '{param}' {value}: expected {expected} or \"auto\""),
+        )
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Range {
+    min: f64,
+    max: f64,
+    min_inclusive: bool,
+    max_inclusive: bool,
+}
+
+impl Range {
+    fn closed(min: f64, max: f64) -> Self {
+        Self {
+            min,
+            max,
+            min_inclusive: true,
+            max_inclusive: true,
+        }
+    }
+
+    fn open_closed(min: f64, max: f64) -> Self {
+        Self {
+            min,
+            max,
+            min_inclusive: false,
+            max_inclusive: true,
+        }
+    }
+
+    fn closed_open(min: f64, max: f64) -> Self {
+        Self {
+            min,
+            max,
+            min_inclusive: true,
+            max_inclusive: false,
+        }
+    }
+
+    fn contains(self, x: f64) -> bool {
+        let above = if self.min_inclusive {
+            x >= self.min
+        } else {
+            x > self.min
+        };
+        let below = if self.max_inclusive {
+            x <= self.max
+        } else {
+            x < self.max
+        };
+        x.is_finite() && above && below
+    }
+
+    fn describe(self) -> String {
+        let open = if self.min_inclusive { '[' } else { '(' };
+        let close = if self.max_inclusive { ']' } else { ')' };
+        format!("{open}{}, {}{close}", self.min, self.max)
+    }
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn parse(body: Value) -> Result<JobSpec, SpecError> {
+        JobSpec::parse(&body, 1234)
+    }
+
+    fn minimal() -> Value {
+        json!({"model": "smollm2-135m-instruct", "training_file": "file-abc"})
+    }
+
+    fn with(mut body: Value, key: &str, value: Value) -> Value {
+        body.as_object_mut().unwrap().insert(key.into(), value);
+        body
+    }
+
+    #[test]
+    fn minimal_request_resolves_defaults() {
+        let spec = parse(minimal()).unwrap();
+        let hp = spec.hyperparameters();
+        assert_eq!(hp.n_epochs, 3);
+        assert_eq!(hp.batch_size, 16);
+        assert_eq!(hp.learning_rate, 1e-4);
+        assert_eq!(hp.learning_rate_multiplier, 1.0);
+        assert_eq!(hp.max_seq_len, 1024);
+        assert_eq!(hp.weight_decay, 0.0);
+        assert_eq!(spec.lora(), &LoraConfig::default());
+        assert_eq!(
+            spec.lora().target_modules,
+            ["q_proj", "k_proj", "v_proj", "o_proj"]
+        );
+        assert_eq!(spec.seed, 1234);
+    }
+
+    #[test]
+    fn given_seed_wins_over_fallback() {
+        let spec = parse(with(minimal(), "seed", json!(7))).unwrap();
+        assert_eq!(spec.seed, 7);
+    }
+
+    #[test]
+    fn nested_hyperparameters_are_read() {
+        let body = with(
+            minimal(),
+            "method",
+            json!({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 5, "batch_size": "auto", "learning_rate_multiplier": 2}}}),
+        );
+        let spec = parse(body).unwrap();
+        assert_eq!(spec.hyperparameters().n_epochs, 5);
+        assert_eq!(spec.hyperparameters().batch_size, 16);
+        assert!((spec.hyperparameters().learning_rate - 2e-4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn legacy_hyperparameters_are_read() {
+        let spec = parse(with(
+            minimal(),
+            "hyperparameters",
+            json!({"n_epochs": 1, "learning_rate": 3e-4}),
+        ))
+        .unwrap();
+        assert_eq!(spec.hyperparameters().n_epochs, 1);
+        assert_eq!(spec.hyperparameters().learning_rate, 3e-4);
+        assert!((spec.hyperparameters().learning_rate_multiplier - 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn learning_rate_and_multiplier_together_are_rejected() {
+        let err = parse(with(
+            minimal(),
+            "hyperparameters",
+            json!({"learning_rate": 1e-4, "learning_rate_multiplier": 1}),
+        ))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("hyperparameters.learning_rate"));
+        assert!(err.message.contains("not both"), "{}", err.message);
+    }
+
+    #[test]
+    fn out_of_range_knob_names_field_and_range() {
+        let body = with(
+            minimal(),
+            "method",
+            json!({"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}),
+        );
+        let err = parse(body).unwrap_err();
+        assert_eq!(
+            err.param.as_deref(),
+            Some("method.supervised.hyperparameters.n_epochs")
+        );
+        assert!(err.message.contains("from 1 to 50"), "{}", err.message);
+    }
+
+    #[test]
+    fn wrong_type_knob_is_rejected() {
+        let err = parse(with(
+            minimal(),
+            "hyperparameters",
+            json!({"batch_size": "big"}),
+        ))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("hyperparameters.batch_size"));
+    }
+
+    #[test]
+    fn unknown_hyperparameter_is_rejected() {
+        let err = parse(with(minimal(), "hyperparameters", json!({"beta": 0.1}))).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("hyperparameters.beta"));
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_rejected() {
+        let err = parse(with(minimal(), "epochs", json!(3))).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("epochs"));
+    }
+
+    #[test]
+    fn missing_model_is_rejected() {
+        let err = parse(json!({"training_file": "file-abc"})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("model"));
+    }
+
+    #[test]
+    fn malformed_training_file_is_rejected() {
+        let err = parse(json!({"model": "m", "training_file": "abc"})).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("training_file"));
+    }
+
+    #[test]
+    fn dpo_and_distillation_are_unsupported() {
+        for method in ["dpo", "distillation"] {
+            let err = parse(with(minimal(), "method", json!({"type": method}))).unwrap_err();
+            assert_eq!(err.kind, SpecErrorKind::Unsupported);
+            assert_eq!(err.param.as_deref(), Some("method.type"));
+            assert!(err.message.contains("not supported yet"));
+        }
+    }
+
+    #[test]
+    fn full_training_is_unsupported() {
+        let err = parse(with(minimal(), "training_type", json!({"type": "full"}))).unwrap_err();
+        assert_eq!(err.kind, SpecErrorKind::Unsupported);
+        assert_eq!(err.param.as_deref(), Some("training_type.type"));
+    }
+
+    #[test]
+    fn unknown_method_type_is_invalid() {
+        let err = parse(with(minimal(), "method", json!({"type": "rlhf"}))).unwrap_err();
+        assert_eq!(err.kind, SpecErrorKind::Invalid);
+    }
+
+    #[test]
+    fn lora_settings_are_read_and_checked() {
+        let spec = parse(with(
+            minimal(),
+            "training_type",
+            json!({"type": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}),
+        ))
+        .unwrap();
+        assert_eq!(spec.lora().r, 16);
+        assert_eq!(spec.lora().alpha, 32.0);
+        assert_eq!(spec.lora().dropout, 0.05);
+        assert_eq!(spec.lora().target_modules, ["q_proj", "v_proj"]);
+
+        let err = parse(with(
+            minimal(),
+            "training_type",
+            json!({"type": "lora", "dropout": 1.0}),
+        ))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("training_type.dropout"));
+        assert!(err.message.contains("[0, 1)"), "{}", err.message);
+
+        let err = parse(with(
+            minimal(),
+            "training_type",
+            json!({"type": "lora", "target_modules": ["lm_head"]}),
+        ))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("training_type.target_modules"));
+    }
+
+    #[test]
+    fn suffix_with_colon_is_rejected() {
+        let err = parse(with(minimal(), "suffix", json!("a:b"))).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("suffix"));
+    }
+
+    #[test]
+    fn fine_tuned_model_name_uses_suffix_or_studio() {
+        let job = JobId::parse("ftjob-123").unwrap();
+        let spec = parse(minimal()).unwrap();
+        assert_eq!(
+            spec.fine_tuned_model(&job),
+            "ft:smollm2-135m-instruct:studio:ftjob-123"
+        );
+        let spec = parse(with(minimal(), "suffix", json!("mine"))).unwrap();
+        assert_eq!(
+            spec.fine_tuned_model(&job),
+            "ft:smollm2-135m-instruct:mine:ftjob-123"
+        );
+    }
+
+    #[test]
+    fn spec_round_trips_through_json() {
+        let spec = parse(with(minimal(), "metadata", json!({"team": "nlp"}))).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["method"]["type"], "supervised");
+        assert_eq!(json["training_type"]["type"], "lora");
+        let back: JobSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, spec);
+    }
+}
