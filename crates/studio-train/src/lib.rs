@@ -1,14 +1,25 @@
 //! The Smart Studio trainer as a library: Llama-family models loaded from GGUF, the model's chat
 //! template, LoRA adapters in PEFT layout, and a supervised training loop with AdamW.
 //!
-//! It knows nothing of HTTP or databases: the worker and `smart-studio train` call
-//! [`run_lora_sft`] with an observer that receives metrics and events.
+//! It knows nothing of HTTP or databases: the worker and the CLI call [`run_lora_sft`] with an
+//! observer that receives metrics and events.
 
+pub mod batch;
+pub mod chat;
+pub mod config;
 mod error;
+mod gguf;
+pub mod loader;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod rng;
 mod run;
+pub mod tokenizer;
 
 pub use error::TrainError;
 pub use run::{
-    run_lora_sft, EventLevel, LoraSettings, RunOutcome, SftJob, StepMetrics, TrainObserver,
-    TrainSettings,
+    encode_examples, run_lora_sft, EventLevel, LoraSettings, RunOutcome, SftJob, StepMetrics,
+    TrainObserver, TrainSettings,
 };

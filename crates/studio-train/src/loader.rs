@@ -1,0 +1,51 @@
+//! Model loading, whatever the file format: the trainer works on [`LoadedModel`].
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::config::LlamaConfig;
+use crate::TrainError;
+
+/// Token ids the trainer needs by role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos: Option<u32>,
+    /// The end-of-turn token that closes each assistant reply (`<|im_end|>` for SmolLM2).
+    pub eos: u32,
+    pub pad: u32,
+}
+
+/// A base model in memory: f32 weights under Hugging Face names, plus what is needed to turn
+/// conversations into token ids.
+pub struct LoadedModel {
+    pub config: LlamaConfig,
+    pub weights: HashMap<String, Tensor>,
+    pub tokenizer: tokenizers::Tokenizer,
+    /// The Jinja chat template, when the model ships one.
+    pub chat_template: Option<String>,
+    pub special: SpecialTokens,
+}
+
+/// Loads a base model from a GGUF file.
+///
+/// NOTE: only GGUF is read so far; a Hugging Face folder (`config.json`, safetensors,
+/// `tokenizer.json`) is rejected with an error until that loader is added beside this one.
+pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, TrainError> {
+    let is_gguf = path.extension().is_some_and(|ext| ext == "gguf");
+    if path.is_file() && is_gguf {
+        return crate::gguf::load(path, device);
+    }
+    let message = if path.is_dir() {
+        "Hugging Face model folders are not supported yet; use a GGUF file".to_string()
+    } else if path.exists() {
+        "expected a .gguf file".to_string()
+    } else {
+        "no such file".to_string()
+    };
+    Err(TrainError::ModelLoad {
+        path: path.to_path_buf(),
+        message,
+    })
+}

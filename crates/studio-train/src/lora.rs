@@ -1,0 +1,186 @@
+//! LoRA adapters: PEFT's initialisation, key names, file layout and config.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+
+use candle_core::{DType, Tensor, Var};
+use serde_json::json;
+
+use crate::config::{LlamaConfig, LINEAR_MODULES};
+use crate::model::{LoraAdapter, Llama};
+use crate::rng::Rng;
+use crate::run::LoraSettings;
+use crate::TrainError;
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// PEFT's key for one LoRA matrix, for example
+/// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+pub fn peft_key(layer: usize, module: &str, matrix: char) -> String {
+    let parent = parent_module(module).unwrap_or("self_attn");
+    format!("base_model.model.model.layers.{layer}.{parent}.{module}.lora_{matrix}.weight")
+}
+
+fn parent_module(module: &str) -> Option<&'static str> {
+    LINEAR_MODULES
+        .iter()
+        .find(|(_, name)| *name == module)
+        .map(|(parent, _)| *parent)
+}
+
+/// Checks the settings against the model before anything is allocated.
+pub fn validate(settings: &LoraSettings) -> Result<(), TrainError> {
+    let invalid = |message: String, param: &str| TrainError::InvalidData {
+        message,
+        param: Some(param.to_string()),
+    };
+    if settings.r == 0 {
+        return Err(invalid("LoRA rank r must be at least 1".into(), "training_type.r"));
+    }
+    if !(0.0..1.0).contains(&settings.dropout) {
+        return Err(invalid(
+            format!("LoRA dropout {} is outside [0, 1)", settings.dropout),
+            "training_type.dropout",
+        ));
+    }
+    if settings.target_modules.is_empty() {
+        return Err(invalid("target_modules is empty; name at least one linear module".into(), "training_type.target_modules"));
+    }
+    for module in &settings.target_modules {
+        if parent_module(module).is_none() {
+            let known: Vec<&str> = LINEAR_MODULES.iter().map(|(_, name)| *name).collect();
+            return Err(invalid(
+                format!("unknown target module {module:?}; expected some of {}", known.join(", ")),
+                "training_type.target_modules",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Adds fresh adapters to every targeted module of every layer, initialised as PEFT does:
+/// `lora_A` from U(-1/√in, 1/√in) (Kaiming-uniform with a = √5), `lora_B` zero, so the
+/// adapted model starts equal to the base model. Draws happen in layer, then module order.
+pub fn attach(model: &mut Llama, settings: &LoraSettings, rng: &mut Rng) -> Result<(), TrainError> {
+    validate(settings)?;
+    let config = model.config.clone();
+    let device = model.device().clone();
+    let scale = settings.alpha / settings.r as f64;
+    for layer in &mut model.layers {
+        for (_, module) in LINEAR_MODULES {
+            if !settings.target_modules.iter().any(|m| m == module) {
+                continue;
+            }
+            let (fan_in, fan_out) = config.linear_shape(module).expect("module listed in LINEAR_MODULES");
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            let a = Tensor::from_vec(rng.uniform_vec(settings.r * fan_in, -bound, bound), (settings.r, fan_in), &device)?;
+            let b = Tensor::zeros((fan_out, settings.r), DType::F32, &device)?;
+            let linear = layer.linear_mut(module).expect("module listed in LINEAR_MODULES");
+            linear.lora = Some(LoraAdapter {
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                scale,
+                dropout: settings.dropout as f32,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The adapter's matrices under PEFT's key names.
+pub fn adapter_tensors(model: &Llama) -> HashMap<String, Tensor> {
+    let mut tensors = HashMap::new();
+    for (index, layer) in model.layers.iter().enumerate() {
+        for (_, module) in LINEAR_MODULES {
+            if let Some(lora) = layer.linear(module).and_then(|l| l.lora.as_ref()) {
+                tensors.insert(peft_key(index, module, 'A'), lora.a.as_tensor().clone());
+                tensors.insert(peft_key(index, module, 'B'), lora.b.as_tensor().clone());
+            }
+        }
+    }
+    tensors
+}
+
+/// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout. Each file is
+/// written under a temporary name and renamed when whole.
+pub fn save_adapter(model: &Llama, settings: &LoraSettings, base_model: &str, dir: &Path) -> Result<(), TrainError> {
+    fs::create_dir_all(dir)?;
+    let tensors = adapter_tensors(model);
+    for (name, tensor) in &tensors {
+        let finite = tensor.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
+        if !finite {
+            return Err(TrainError::NonFinite(format!("adapter tensor {name} holds a non-finite value")));
+        }
+    }
+    let weights_tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
+    candle_core::safetensors::save(&tensors, &weights_tmp)?;
+    fs::rename(&weights_tmp, dir.join(ADAPTER_WEIGHTS))?;
+
+    let config = adapter_config(settings, base_model);
+    let config_tmp = dir.join(format!(".{ADAPTER_CONFIG}.tmp"));
+    fs::write(&config_tmp, serde_json::to_vec_pretty(&config).expect("JSON value serialises"))?;
+    fs::rename(&config_tmp, dir.join(ADAPTER_CONFIG))?;
+    Ok(())
+}
+
+/// Every field PEFT reads, stated explicitly, because PEFT fills a missing one with its own
+/// default, which may differ from how the adapter was trained.
+pub fn adapter_config(settings: &LoraSettings, base_model: &str) -> serde_json::Value {
+    json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": settings.target_modules,
+        "bias": "none",
+        "use_rslora": false,
+        "use_dora": false,
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+    })
+}
+
+/// Loads the matrices of a PEFT adapter into the model's adapters, which must already be
+/// attached with the same rank and targets.
+pub fn load_adapter_weights(model: &mut Llama, dir: &Path) -> Result<(), TrainError> {
+    let path = dir.join(ADAPTER_WEIGHTS);
+    let tensors = candle_core::safetensors::load(&path, model.device())?;
+    for (index, layer) in model.layers.iter_mut().enumerate() {
+        for (_, module) in LINEAR_MODULES {
+            let Some(lora) = layer.linear_mut(module).and_then(|l| l.lora.as_mut()) else {
+                continue;
+            };
+            for (matrix, var) in [('A', &lora.a), ('B', &lora.b)] {
+                let key = peft_key(index, module, matrix);
+                let tensor = tensors.get(&key).ok_or_else(|| TrainError::InvalidData {
+                    message: format!("adapter {} has no tensor {key}", path.display()),
+                    param: None,
+                })?;
+                var.set(&tensor.to_dtype(DType::F32)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Number of trainable LoRA parameters for `settings` on a model of `config`.
+pub fn trainable_parameters(config: &LlamaConfig, settings: &LoraSettings) -> usize {
+    let per_layer: usize = settings
+        .target_modules
+        .iter()
+        .filter_map(|module| config.linear_shape(module))
+        .map(|(fan_in, fan_out)| settings.r * (fan_in + fan_out))
+        .sum();
+    per_layer * config.num_hidden_layers
+}
