@@ -1,0 +1,77 @@
+use std::error::Error as StdError;
+
+type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Errors of the store. The `Display` text is safe to show users: it never contains SQL, and
+/// the database or I/O error that caused `Unavailable` or `Other` is only the `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{entity} {id} not found")]
+    NotFound { entity: &'static str, id: String },
+    /// The change contradicts the current state: a duplicate id, or a worker that no longer
+    /// owns the job it is updating.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the database is unavailable, retry later")]
+    Unavailable(#[source] BoxError),
+    #[error("storage operation failed: {context}")]
+    Other {
+        context: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    pub fn not_found(entity: &'static str, id: impl Into<String>) -> Self {
+        StoreError::NotFound {
+            entity,
+            id: id.into(),
+        }
+    }
+
+    pub(crate) fn other(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StoreError::Other {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        match &err {
+            sqlx::Error::RowNotFound => StoreError::not_found("row", "?"),
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => StoreError::Unavailable(err.into()),
+            sqlx::Error::Database(db) => match db.kind() {
+                sqlx::error::ErrorKind::UniqueViolation => StoreError::Conflict(format!(
+                    "a row with the same key already exists ({})",
+                    constraint(db.as_ref())
+                )),
+                sqlx::error::ErrorKind::ForeignKeyViolation => StoreError::Conflict(format!(
+                    "a referenced row does not exist ({})",
+                    constraint(db.as_ref())
+                )),
+                sqlx::error::ErrorKind::CheckViolation => StoreError::Conflict(format!(
+                    "the change breaks a job invariant ({})",
+                    constraint(db.as_ref())
+                )),
+                _ => StoreError::other("database error", err),
+            },
+            _ => StoreError::other("database error", err),
+        }
+    }
+}
+
+fn constraint(db: &dyn sqlx::error::DatabaseError) -> String {
+    db.constraint().unwrap_or("unnamed constraint").to_owned()
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(err: std::io::Error) -> Self {
+        StoreError::other("file system error", err)
+    }
+}

@@ -1,0 +1,646 @@
+//! The Postgres backend of [`Store`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::Row;
+use studio_core::dataset::DatasetFormat;
+use studio_core::{EventId, FileId, JobId, JobSpec, JobStatus};
+
+use crate::records::{
+    CancelOutcome, EventLevel, EventRecord, EventType, FileRecord, Heartbeat, JobError, JobRecord,
+    MetricPoint, NewEvent, NewFile, NewJob, Page, PageRequest, RescuedJob,
+};
+use crate::{Clock, Store, StoreError};
+
+/// Opens a pool on `database_url`, failing fast when the server cannot be reached.
+pub(crate) async fn connect(database_url: &str) -> Result<PgPool, StoreError> {
+    if !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://") {
+        return Err(StoreError::Conflict(
+            "unsupported database URL: expected postgres://USER@HOST:PORT/DATABASE".into(),
+        ));
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(database_url)
+        .await?;
+    Ok(pool)
+}
+
+#[derive(Clone, Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    clock: Arc<dyn Clock>,
+}
+
+impl PgStore {
+    pub fn new(pool: PgPool, clock: Arc<dyn Clock>) -> Self {
+        Self { pool, clock }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn lease_end(&self, lease: Duration) -> Result<DateTime<Utc>, StoreError> {
+        let lease = TimeDelta::from_std(lease)
+            .map_err(|_| StoreError::Conflict(format!("lease of {lease:?} is too long")))?;
+        Ok(self.clock.now() + lease)
+    }
+
+    /// The paging position of `after` in `table`, or `i64::MAX` for the first page.
+    async fn seq_after(
+        &self,
+        table: &'static str,
+        entity: &'static str,
+        after: Option<&str>,
+    ) -> Result<i64, StoreError> {
+        let Some(after) = after else {
+            return Ok(i64::MAX);
+        };
+        let sql = format!("SELECT seq FROM {table} WHERE id = $1");
+        let seq: Option<i64> = sqlx::query_scalar(&sql)
+            .bind(after)
+            .fetch_optional(&self.pool)
+            .await?;
+        seq.ok_or_else(|| StoreError::not_found(entity, after))
+    }
+
+    /// Runs a worker-side update that returns the job, or explains why it changed nothing.
+    async fn owned_update(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        row: Option<PgRow>,
+    ) -> Result<JobRecord, StoreError> {
+        match row {
+            Some(row) => job_from_row(&row),
+            None => {
+                let job = self.get_job(id).await?;
+                Err(StoreError::Conflict(format!(
+                    "job {id} is no longer owned by worker {worker_id}: it is {} and locked by {}",
+                    job.status,
+                    job.locked_by.as_deref().unwrap_or("nobody")
+                )))
+            }
+        }
+    }
+}
+
+const FILE_COLUMNS: &str =
+    "id, created_at, filename, purpose, bytes, sha256, format, line_count, status";
+
+const JOB_COLUMNS: &str = "id, created_at, updated_at, started_at, finished_at, status, spec, error, \
+     fine_tuned_model, trained_tokens, locked_by, lease_expires_at, attempt, max_attempts, cancel_requested";
+
+const EVENT_COLUMNS: &str = "id, job_id, created_at, level, type, message, data";
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert_file(&self, file: &NewFile) -> Result<FileRecord, StoreError> {
+        let sql = format!(
+            "INSERT INTO files (id, created_at, filename, purpose, bytes, sha256, format, line_count)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             RETURNING {FILE_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(file.id.as_str())
+            .bind(self.clock.now())
+            .bind(&file.filename)
+            .bind(&file.purpose)
+            .bind(to_i64(file.bytes))
+            .bind(&file.sha256)
+            .bind(file.format.as_str())
+            .bind(to_i64(file.line_count))
+            .fetch_one(&self.pool)
+            .await?;
+        file_from_row(&row)
+    }
+
+    async fn get_file(&self, id: &FileId) -> Result<FileRecord, StoreError> {
+        let sql = format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| file_from_row(&row))
+            .unwrap_or_else(|| Err(StoreError::not_found("file", id.as_str())))
+    }
+
+    async fn list_files(&self, page: &PageRequest) -> Result<Page<FileRecord>, StoreError> {
+        let before = self
+            .seq_after("files", "file", page.after.as_deref())
+            .await?;
+        let sql =
+            format!("SELECT {FILE_COLUMNS} FROM files WHERE seq < $1 ORDER BY seq DESC LIMIT $2");
+        let rows = sqlx::query(&sql)
+            .bind(before)
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        into_page(rows, page.limit, file_from_row)
+    }
+
+    async fn insert_job(&self, job: &NewJob) -> Result<JobRecord, StoreError> {
+        let spec = &job.spec;
+        let now = self.clock.now();
+        let sql = format!(
+            "INSERT INTO jobs (id, created_at, updated_at, status, model, training_file, validation_file, suffix,
+                               seed, metadata, spec, hyperparameters, max_attempts)
+             VALUES ($1, $2, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(job.id.as_str())
+            .bind(now)
+            .bind(&spec.model)
+            .bind(spec.training_file.as_str())
+            .bind(spec.validation_file.as_ref().map(|id| id.as_str()))
+            .bind(spec.suffix.as_deref())
+            .bind(to_i64(spec.seed))
+            .bind(spec.metadata.as_ref().map(Json))
+            .bind(Json(spec))
+            .bind(Json(spec.hyperparameters()))
+            .bind(i32::try_from(job.max_attempts).unwrap_or(i32::MAX))
+            .fetch_one(&self.pool)
+            .await?;
+        job_from_row(&row)
+    }
+
+    async fn get_job(&self, id: &JobId) -> Result<JobRecord, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| job_from_row(&row))
+            .unwrap_or_else(|| Err(StoreError::not_found("fine-tuning job", id.as_str())))
+    }
+
+    async fn list_jobs(&self, page: &PageRequest) -> Result<Page<JobRecord>, StoreError> {
+        let before = self
+            .seq_after("jobs", "fine-tuning job", page.after.as_deref())
+            .await?;
+        let sql =
+            format!("SELECT {JOB_COLUMNS} FROM jobs WHERE seq < $1 ORDER BY seq DESC LIMIT $2");
+        let rows = sqlx::query(&sql)
+            .bind(before)
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        into_page(rows, page.limit, job_from_row)
+    }
+
+    async fn list_succeeded_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let sql =
+            format!("SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'succeeded' ORDER BY seq DESC");
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome, StoreError> {
+        // Safe under concurrency: the UPDATE locks the row, and under READ COMMITTED a
+        // concurrent claim that committed first is seen, so a job that just became running
+        // gets the flag instead of being cancelled under its worker. The CASEs read the old
+        // row, so `status` and `finished_at` change together.
+        let sql = format!(
+            "UPDATE jobs SET
+                 status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+                 finished_at = CASE WHEN status = 'running' THEN finished_at ELSE $2 END,
+                 cancel_requested = TRUE,
+                 updated_at = $2
+             WHERE id = $1 AND status IN ('validating_files', 'queued', 'paused', 'running')
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(self.clock.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => {
+                let job = job_from_row(&row)?;
+                Ok(if job.status == JobStatus::Running {
+                    CancelOutcome::Requested(job)
+                } else {
+                    CancelOutcome::Cancelled(job)
+                })
+            }
+            None => Ok(CancelOutcome::AlreadyFinished(self.get_job(id).await?)),
+        }
+    }
+
+    async fn claim_job(
+        &self,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        // Safe under concurrency: FOR UPDATE SKIP LOCKED makes a concurrent claimer skip the
+        // row this one locked instead of waiting for it, and the outer UPDATE runs in the same
+        // statement, so no other transaction can claim the row between the select and the update.
+        let sql = format!(
+            "WITH next AS (
+                 SELECT id FROM jobs
+                 WHERE status = 'queued' AND attempt < max_attempts
+                 ORDER BY seq
+                 LIMIT 1
+                 FOR UPDATE SKIP LOCKED
+             )
+             UPDATE jobs SET
+                 status = 'running',
+                 locked_by = $1,
+                 lease_expires_at = $2,
+                 attempt = jobs.attempt + 1,
+                 started_at = COALESCE(jobs.started_at, $3),
+                 updated_at = $3
+             FROM next
+             WHERE jobs.id = next.id
+             RETURNING {}",
+            qualified_job_columns()
+        );
+        let now = self.clock.now();
+        let row = sqlx::query(&sql)
+            .bind(worker_id)
+            .bind(self.lease_end(lease)?)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| job_from_row(&row)).transpose()
+    }
+
+    async fn heartbeat(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Heartbeat, StoreError> {
+        // Safe under concurrency: the lease is extended only while this worker still owns the
+        // running job; after a rescue or a finish the row no longer matches and nothing changes.
+        let row = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = $3, updated_at = $4
+             WHERE id = $1 AND locked_by = $2 AND status = 'running'
+             RETURNING cancel_requested, lease_expires_at",
+        )
+        .bind(id.as_str())
+        .bind(worker_id)
+        .bind(self.lease_end(lease)?)
+        .bind(self.clock.now())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(Heartbeat {
+                cancel_requested: row.try_get("cancel_requested")?,
+                lease_expires_at: row.try_get("lease_expires_at")?,
+            }),
+            None => self
+                .owned_update(id, worker_id, None)
+                .await
+                .map(|_| unreachable!("owned_update(None) is an error")),
+        }
+    }
+
+    async fn complete_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        fine_tuned_model: &str,
+        trained_tokens: u64,
+    ) -> Result<JobRecord, StoreError> {
+        // Safe under concurrency: only the owner of the running job can finish it, so a worker
+        // whose lease expired and whose job was claimed again cannot overwrite the new run.
+        let sql = format!(
+            "UPDATE jobs SET status = 'succeeded', finished_at = $3, updated_at = $3,
+                 fine_tuned_model = $4, trained_tokens = $5, locked_by = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND locked_by = $2 AND status = 'running'
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(worker_id)
+            .bind(self.clock.now())
+            .bind(fine_tuned_model)
+            .bind(to_i64(trained_tokens))
+            .fetch_optional(&self.pool)
+            .await?;
+        self.owned_update(id, worker_id, row).await
+    }
+
+    async fn fail_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        error: &JobError,
+    ) -> Result<JobRecord, StoreError> {
+        // Safe under concurrency: the same ownership guard as complete_job.
+        let sql = format!(
+            "UPDATE jobs SET status = 'failed', finished_at = $3, updated_at = $3, error = $4,
+                 locked_by = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND locked_by = $2 AND status = 'running'
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(worker_id)
+            .bind(self.clock.now())
+            .bind(Json(error))
+            .fetch_optional(&self.pool)
+            .await?;
+        self.owned_update(id, worker_id, row).await
+    }
+
+    async fn cancel_running_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+    ) -> Result<JobRecord, StoreError> {
+        // Safe under concurrency: the same ownership guard as complete_job.
+        let sql = format!(
+            "UPDATE jobs SET status = 'cancelled', finished_at = $3, updated_at = $3,
+                 locked_by = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND locked_by = $2 AND status = 'running'
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(worker_id)
+            .bind(self.clock.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        self.owned_update(id, worker_id, row).await
+    }
+
+    async fn release_job(&self, id: &JobId, worker_id: &str) -> Result<JobRecord, StoreError> {
+        // Safe under concurrency: the same ownership guard as complete_job; the job becomes
+        // claimable only once this statement commits.
+        let sql = format!(
+            "UPDATE jobs SET status = 'queued', updated_at = $3, attempt = attempt - 1,
+                 locked_by = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND locked_by = $2 AND status = 'running'
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(worker_id)
+            .bind(self.clock.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        self.owned_update(id, worker_id, row).await
+    }
+
+    async fn rescue_expired_jobs(&self) -> Result<Vec<RescuedJob>, StoreError> {
+        // Safe under concurrency: each row is locked by the UPDATE and re-checked after a
+        // concurrent heartbeat commits, so a lease extended in the meantime is not rescued.
+        // The CASEs read the old row, so all columns follow the same branch.
+        let rows = sqlx::query(
+            "UPDATE jobs SET
+                 status = CASE WHEN cancel_requested THEN 'cancelled'
+                               WHEN attempt >= max_attempts THEN 'failed'
+                               ELSE 'queued' END,
+                 finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN $1 END,
+                 error = CASE WHEN NOT cancel_requested AND attempt >= max_attempts
+                              THEN jsonb_build_object(
+                                  'code', 'lease_expired',
+                                  'message', 'the worker stopped sending heartbeats ' || attempt || ' times; giving up',
+                                  'param', NULL)
+                              ELSE error END,
+                 locked_by = NULL,
+                 lease_expires_at = NULL,
+                 updated_at = $1
+             WHERE status = 'running' AND lease_expires_at < $1
+             RETURNING id, status",
+        )
+        .bind(self.clock.now())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RescuedJob {
+                    id: job_id(row.try_get("id")?)?,
+                    status: status(row.try_get("status")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_event(&self, event: &NewEvent) -> Result<EventRecord, StoreError> {
+        let sql = format!(
+            "INSERT INTO job_events (id, job_id, created_at, level, type, message, data)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             RETURNING {EVENT_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(EventId::new().as_str())
+            .bind(event.job_id.as_str())
+            .bind(self.clock.now())
+            .bind(event.level.as_str())
+            .bind(event.event_type.as_str())
+            .bind(&event.message)
+            .bind(event.data.as_ref().map(Json))
+            .fetch_one(&self.pool)
+            .await?;
+        event_from_row(&row)
+    }
+
+    async fn list_events(
+        &self,
+        job_id: &JobId,
+        page: &PageRequest,
+    ) -> Result<Page<EventRecord>, StoreError> {
+        let before = self
+            .seq_after("job_events", "event", page.after.as_deref())
+            .await?;
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(job_id.as_str())
+            .bind(before)
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        into_page(rows, page.limit, event_from_row)
+    }
+
+    async fn insert_metrics(
+        &self,
+        job_id: &JobId,
+        worker_id: &str,
+        points: &[MetricPoint],
+    ) -> Result<u64, StoreError> {
+        if points.is_empty() {
+            return Ok(0);
+        }
+        // Safe under concurrency: rows are written only while this worker owns the running
+        // job, checked in the same statement, so a worker that lost its lease cannot mix its
+        // steps into the next run's curve.
+        let result = sqlx::query(
+            "INSERT INTO job_metrics (job_id, step, created_at, epoch, train_loss, valid_loss, learning_rate,
+                                      grad_norm, tokens_per_second, trained_tokens)
+             SELECT $1, m.step, $3, m.epoch, m.train_loss, m.valid_loss, m.learning_rate, m.grad_norm,
+                    m.tokens_per_second, m.trained_tokens
+             FROM UNNEST($4::BIGINT[], $5::FLOAT8[], $6::FLOAT8[], $7::FLOAT8[], $8::FLOAT8[], $9::FLOAT8[],
+                         $10::FLOAT8[], $11::BIGINT[])
+                  AS m(step, epoch, train_loss, valid_loss, learning_rate, grad_norm, tokens_per_second, trained_tokens)
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND locked_by = $2 AND status = 'running')
+             ON CONFLICT (job_id, step) DO UPDATE SET
+                 created_at = EXCLUDED.created_at, epoch = EXCLUDED.epoch, train_loss = EXCLUDED.train_loss,
+                 valid_loss = EXCLUDED.valid_loss, learning_rate = EXCLUDED.learning_rate,
+                 grad_norm = EXCLUDED.grad_norm, tokens_per_second = EXCLUDED.tokens_per_second,
+                 trained_tokens = EXCLUDED.trained_tokens",
+        )
+        .bind(job_id.as_str())
+        .bind(worker_id)
+        .bind(self.clock.now())
+        .bind(points.iter().map(|p| to_i64(p.step)).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.epoch).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.train_loss).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.valid_loss).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.learning_rate).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.grad_norm).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.tokens_per_second).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| to_i64(p.trained_tokens)).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
+        if result.rows_affected() == 0 {
+            return self.owned_update(job_id, worker_id, None).await.map(|_| 0);
+        }
+        Ok(result.rows_affected())
+    }
+
+    async fn list_metrics(&self, job_id: &JobId) -> Result<Vec<MetricPoint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT step, epoch, train_loss, valid_loss, learning_rate, grad_norm, tokens_per_second, trained_tokens
+             FROM job_metrics WHERE job_id = $1 ORDER BY step",
+        )
+        .bind(job_id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(metric_from_row).collect()
+    }
+}
+
+fn qualified_job_columns() -> String {
+    JOB_COLUMNS
+        .split(", ")
+        .map(|column| format!("jobs.{}", column.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Splits the `limit + 1` rows of a page query into the page and `has_more`.
+fn into_page<T>(
+    mut rows: Vec<PgRow>,
+    limit: u32,
+    decode: impl Fn(&PgRow) -> Result<T, StoreError>,
+) -> Result<Page<T>, StoreError> {
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let data = rows.iter().map(decode).collect::<Result<_, _>>()?;
+    Ok(Page { data, has_more })
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// A stored value the current code cannot read: the database was written by another version.
+fn corrupt(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::other(format!("cannot decode stored {what}"), err)
+}
+
+fn job_id(value: String) -> Result<JobId, StoreError> {
+    JobId::parse(&value).map_err(|err| corrupt("job id", err))
+}
+
+fn status(value: String) -> Result<JobStatus, StoreError> {
+    value.parse().map_err(|err| corrupt("job status", err))
+}
+
+fn file_from_row(row: &PgRow) -> Result<FileRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let format: String = row.try_get("format")?;
+    Ok(FileRecord {
+        id: FileId::parse(&id).map_err(|err| corrupt("file id", err))?,
+        created_at: row.try_get("created_at")?,
+        filename: row.try_get("filename")?,
+        purpose: row.try_get("purpose")?,
+        bytes: to_u64(row.try_get("bytes")?),
+        sha256: row.try_get("sha256")?,
+        format: DatasetFormat::from_name(&format).ok_or_else(|| {
+            StoreError::Conflict(format!("stored file {id} has unknown format {format:?}"))
+        })?,
+        line_count: to_u64(row.try_get("line_count")?),
+        status: row.try_get("status")?,
+    })
+}
+
+fn job_from_row(row: &PgRow) -> Result<JobRecord, StoreError> {
+    let Json(spec): Json<JobSpec> = row.try_get("spec")?;
+    let error: Option<Json<JobError>> = row.try_get("error")?;
+    let trained_tokens: Option<i64> = row.try_get("trained_tokens")?;
+    let attempt: i32 = row.try_get("attempt")?;
+    let max_attempts: i32 = row.try_get("max_attempts")?;
+    Ok(JobRecord {
+        id: job_id(row.try_get("id")?)?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        status: status(row.try_get("status")?)?,
+        spec,
+        error: error.map(|Json(error)| error),
+        fine_tuned_model: row.try_get("fine_tuned_model")?,
+        trained_tokens: trained_tokens.map(to_u64),
+        locked_by: row.try_get("locked_by")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        attempt: attempt.max(0) as u32,
+        max_attempts: max_attempts.max(0) as u32,
+        cancel_requested: row.try_get("cancel_requested")?,
+    })
+}
+
+fn event_from_row(row: &PgRow) -> Result<EventRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let level: String = row.try_get("level")?;
+    let event_type: String = row.try_get("type")?;
+    let data: Option<Json<serde_json::Value>> = row.try_get("data")?;
+    Ok(EventRecord {
+        id: EventId::parse(&id).map_err(|err| corrupt("event id", err))?,
+        job_id: job_id(row.try_get("job_id")?)?,
+        created_at: row.try_get("created_at")?,
+        level: match level.as_str() {
+            "warn" => EventLevel::Warn,
+            "error" => EventLevel::Error,
+            _ => EventLevel::Info,
+        },
+        event_type: if event_type == "metrics" {
+            EventType::Metrics
+        } else {
+            EventType::Message
+        },
+        message: row.try_get("message")?,
+        data: data.map(|Json(data)| data),
+    })
+}
+
+fn metric_from_row(row: &PgRow) -> Result<MetricPoint, StoreError> {
+    Ok(MetricPoint {
+        step: to_u64(row.try_get("step")?),
+        epoch: row.try_get("epoch")?,
+        train_loss: row.try_get("train_loss")?,
+        valid_loss: row.try_get("valid_loss")?,
+        learning_rate: row.try_get("learning_rate")?,
+        grad_norm: row.try_get("grad_norm")?,
+        tokens_per_second: row.try_get("tokens_per_second")?,
+        trained_tokens: to_u64(row.try_get("trained_tokens")?),
+    })
+}

@@ -1,0 +1,197 @@
+//! The rows the store reads and writes, as domain types (no SQL types leak out).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use studio_core::dataset::DatasetFormat;
+use studio_core::{EventId, FileId, JobId, JobSpec, JobStatus};
+
+/// A file to register after its content is stored and validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewFile {
+    pub id: FileId,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+    pub format: DatasetFormat,
+    pub line_count: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileRecord {
+    pub id: FileId,
+    pub created_at: DateTime<Utc>,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub format: DatasetFormat,
+    pub line_count: u64,
+    pub status: String,
+}
+
+/// A job to insert; it starts `queued`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewJob {
+    pub id: JobId,
+    pub spec: JobSpec,
+    /// How often the job may be claimed before an expired lease fails it.
+    pub max_attempts: u32,
+}
+
+/// The `error` object of a failed job, as OpenAI shapes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub status: JobStatus,
+    pub spec: JobSpec,
+    pub error: Option<JobError>,
+    pub fine_tuned_model: Option<String>,
+    pub trained_tokens: Option<u64>,
+    /// The worker that holds the job while it runs.
+    pub locked_by: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// How many times the job was claimed, this run included.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub cancel_requested: bool,
+}
+
+/// What a cancel request did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CancelOutcome {
+    /// The job had not started and is now `cancelled`.
+    Cancelled(JobRecord),
+    /// The job is running; its worker will stop it and set `cancelled`.
+    Requested(JobRecord),
+    /// The job had already finished; nothing changed.
+    AlreadyFinished(JobRecord),
+}
+
+/// The answer to a heartbeat of the worker that owns the job.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Heartbeat {
+    pub cancel_requested: bool,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// What happened to a job whose lease expired.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RescuedJob {
+    pub id: JobId,
+    pub status: JobStatus,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLevel {
+    Info,
+    Warn,
+    Error,
+}
+
+impl EventLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventLevel::Info => "info",
+            EventLevel::Warn => "warn",
+            EventLevel::Error => "error",
+        }
+    }
+}
+
+/// OpenAI's event `type`: a plain message, or a metrics line whose `data` has the figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    Message,
+    Metrics,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Message => "message",
+            EventType::Metrics => "metrics",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewEvent {
+    pub job_id: JobId,
+    pub level: EventLevel,
+    pub event_type: EventType,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+}
+
+impl NewEvent {
+    pub fn message(job_id: &JobId, level: EventLevel, message: impl Into<String>) -> Self {
+        Self {
+            job_id: job_id.clone(),
+            level,
+            event_type: EventType::Message,
+            message: message.into(),
+            data: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRecord {
+    pub id: EventId,
+    pub job_id: JobId,
+    pub created_at: DateTime<Utc>,
+    pub level: EventLevel,
+    pub event_type: EventType,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+}
+
+/// The figures of one optimizer step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    /// 1-based.
+    pub step: u64,
+    pub epoch: f64,
+    pub train_loss: f64,
+    pub valid_loss: Option<f64>,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+    /// Tokens trained so far, padding excluded.
+    pub trained_tokens: u64,
+}
+
+/// An `after`/`limit` page request, as OpenAI's list endpoints take it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRequest {
+    /// The id of the last item of the previous page.
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+impl PageRequest {
+    pub fn first(limit: u32) -> Self {
+        Self { after: None, limit }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub has_more: bool,
+}

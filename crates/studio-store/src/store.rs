@@ -1,0 +1,89 @@
+use std::time::Duration;
+
+use async_trait::async_trait;
+use studio_core::{FileId, JobId};
+
+use crate::records::{
+    CancelOutcome, EventRecord, FileRecord, Heartbeat, JobError, JobRecord, MetricPoint, NewEvent,
+    NewFile, NewJob, Page, PageRequest, RescuedJob,
+};
+use crate::StoreError;
+
+/// Persistence and the job queue. Backends (Postgres now, SQLite next) implement the same
+/// contract; every method takes and returns domain types only.
+///
+/// Lists are newest first and paged with `after` (an id from the previous page) and `limit`.
+/// Methods named for a worker change a job only while that worker still owns it: the job is
+/// `running` and `locked_by` is `worker_id`. Otherwise they return [`StoreError::Conflict`].
+#[async_trait]
+pub trait Store: Send + Sync {
+    async fn insert_file(&self, file: &NewFile) -> Result<FileRecord, StoreError>;
+    async fn get_file(&self, id: &FileId) -> Result<FileRecord, StoreError>;
+    async fn list_files(&self, page: &PageRequest) -> Result<Page<FileRecord>, StoreError>;
+
+    async fn insert_job(&self, job: &NewJob) -> Result<JobRecord, StoreError>;
+    async fn get_job(&self, id: &JobId) -> Result<JobRecord, StoreError>;
+    async fn list_jobs(&self, page: &PageRequest) -> Result<Page<JobRecord>, StoreError>;
+    /// Succeeded jobs, whose `fine_tuned_model`s can be served, newest first.
+    async fn list_succeeded_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    /// Cancels a job that has not started, or asks the worker of a running job to stop it.
+    async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome, StoreError>;
+
+    /// Takes the oldest queued job for `worker_id` with a lease of `lease`, or `None` when the
+    /// queue is empty. Two concurrent claims never return the same job.
+    async fn claim_job(
+        &self,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Option<JobRecord>, StoreError>;
+    /// Extends the lease of a running job to now + `lease`, and reports a cancel request.
+    async fn heartbeat(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Heartbeat, StoreError>;
+    async fn complete_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        fine_tuned_model: &str,
+        trained_tokens: u64,
+    ) -> Result<JobRecord, StoreError>;
+    async fn fail_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        error: &JobError,
+    ) -> Result<JobRecord, StoreError>;
+    /// Sets `cancelled` after the worker stopped a run whose cancel was requested.
+    async fn cancel_running_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+    ) -> Result<JobRecord, StoreError>;
+    /// Puts a running job back in the queue, for a worker that shuts down mid-run; the
+    /// attempt does not count.
+    async fn release_job(&self, id: &JobId, worker_id: &str) -> Result<JobRecord, StoreError>;
+    /// Requeues running jobs whose lease expired, fails those out of attempts, and cancels
+    /// those whose cancel was requested.
+    async fn rescue_expired_jobs(&self) -> Result<Vec<RescuedJob>, StoreError>;
+
+    async fn insert_event(&self, event: &NewEvent) -> Result<EventRecord, StoreError>;
+    async fn list_events(
+        &self,
+        job_id: &JobId,
+        page: &PageRequest,
+    ) -> Result<Page<EventRecord>, StoreError>;
+
+    /// Writes metric rows of a job the worker owns; a step written before is overwritten, so
+    /// a resumed run may repeat steps. Returns the number of rows written.
+    async fn insert_metrics(
+        &self,
+        job_id: &JobId,
+        worker_id: &str,
+        points: &[MetricPoint],
+    ) -> Result<u64, StoreError>;
+    /// All metric rows of a job, by step.
+    async fn list_metrics(&self, job_id: &JobId) -> Result<Vec<MetricPoint>, StoreError>;
+}
