@@ -244,8 +244,8 @@ impl Llama {
         let mut bias = vec![f32::NEG_INFINITY; batch * seq_len * seq_len];
         for (b, &length) in lengths.iter().enumerate() {
             for query in 0..seq_len {
-                // Causal, and never a padded key. A padded query still sees the real keys
-                // before it, so no row is fully masked.
+                // Causal, and never a padded key. A padded query still attends to the real
+                // keys before it, so no row is fully masked.
                 for key in 0..=query.min(length.max(1) - 1) {
                     bias[(b * seq_len + query) * seq_len + key] = 0.0;
                 }

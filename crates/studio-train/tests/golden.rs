@@ -30,7 +30,7 @@ fn reference_dir() -> PathBuf {
     repo_root().join("../shared/reference")
 }
 
-/// The demo model, from `STUDIO_TEST_MODELS_DIR` or the repository's `models/` folder.
+/// Locates the demo model in `STUDIO_TEST_MODELS_DIR` or the repository's `models/` folder.
 fn model_path() -> PathBuf {
     let dir = std::env::var_os("STUDIO_TEST_MODELS_DIR")
         .map(PathBuf::from)
@@ -121,7 +121,7 @@ fn reference_lora_settings() -> LoraSettings {
     LoraSettings::default()
 }
 
-/// The base model with `reference_adapter/` loaded.
+/// Builds the base model with `reference_adapter/` loaded.
 fn reference_adapted_model() -> Llama {
     let mut model = base_model();
     lora::attach(&mut model, &reference_lora_settings(), &mut Rng::new(0)).unwrap();
@@ -129,7 +129,7 @@ fn reference_adapted_model() -> Llama {
     model
 }
 
-/// Mean loss over the batch's target tokens, still attached to the graph.
+/// Computes the mean loss over the batch's target tokens, still attached to the graph.
 fn mean_loss(model: &Llama, examples: &[&EncodedExample]) -> Tensor {
     let batch = Batch::new(examples, fixture().loaded.special.pad, &Device::Cpu).unwrap();
     let loss = batch_loss(model, &batch, &mut ForwardContext::eval()).unwrap();
@@ -301,7 +301,7 @@ fn padded_batch_matches_reference() {
 }
 
 #[test]
-fn lora_step_zero_matches_base_and_every_matrix_trains() {
+fn fresh_lora_matches_base_then_trains() {
     let example = chat_example(0);
     let base_loss = scalar(&mean_loss(&base_model(), &[&example]));
 
