@@ -1,0 +1,135 @@
+//! The command line: global options shared by every command, and one subcommand per process.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "smart-studio",
+    version,
+    about = "Self-hosted fine-tuning of language models, with an OpenAI-compatible REST API.",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command reads. Each one can also come from the environment variable named in
+/// its help.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Folder for uploaded files, job artifacts and worker scratch space; created when missing.
+    #[arg(long, env = "STUDIO_DATA_DIR", default_value = "./studio-data", global = true)]
+    pub data_dir: PathBuf,
+
+    /// Folder of base models, one `<model name>.gguf` file each.
+    #[arg(long, env = "STUDIO_MODELS_DIR", default_value = "./models", global = true)]
+    pub models_dir: PathBuf,
+
+    /// Postgres connection URL, such as postgres://USER:PASSWORD@HOST:5432/DATABASE. Required by
+    /// every command except fetch-model; the password is never printed.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+
+    /// IP address the REST API listens on; 0.0.0.0 listens on every interface.
+    #[arg(long, env = "STUDIO_HOST", default_value = "127.0.0.1", global = true)]
+    pub host: IpAddr,
+
+    /// TCP port the REST API listens on (1-65535).
+    #[arg(
+        long,
+        env = "STUDIO_PORT",
+        default_value_t = 8000,
+        value_parser = clap::value_parser!(u16).range(1..),
+        global = true
+    )]
+    pub port: u16,
+
+    /// Log filter in tracing's EnvFilter syntax, such as `info` or `info,studio_worker=debug`
+    /// [default: info; warn for demo, so that its progress bar stays readable].
+    #[arg(long, env = "RUST_LOG", global = true)]
+    pub log: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the REST API only; run workers separately with `worker`.
+    Serve,
+    /// Run one worker that claims queued jobs and trains them.
+    Worker(WorkerArgs),
+    /// Run migrations, then the REST API and one worker in this process.
+    Up(WorkerArgs),
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Download the demo base model `smollm2-135m-instruct` into the models folder if it is absent.
+    FetchModel,
+    /// Fine-tune the demo model on the bundled example dataset, end to end over the REST API.
+    Demo(DemoArgs),
+}
+
+/// Settings of a worker (`worker` and `up`).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Name of this worker in job rows and logs [default: HOSTNAME-PID].
+    #[arg(long, env = "STUDIO_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Seconds to wait between polls while the queue is empty.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    pub poll_interval: f64,
+
+    /// Seconds a claimed job stays owned by this worker after its last heartbeat; when the lease
+    /// expires another worker may claim the job.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub lease: f64,
+
+    /// Seconds between heartbeats that extend the lease; must be shorter than --lease.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub heartbeat_interval: f64,
+
+    /// Folder for a job's working files while it trains [default: DATA_DIR/scratch].
+    #[arg(long, env = "STUDIO_SCRATCH_DIR")]
+    pub scratch_dir: Option<PathBuf>,
+}
+
+/// Hyperparameters of the demo job. The defaults keep it to a few minutes on two CPU cores.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Passes over the example dataset.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub n_epochs: u32,
+
+    /// Conversations per optimizer step.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+
+    /// Peak learning rate of AdamW.
+    #[arg(long, default_value_t = 1e-3, value_parser = positive_number)]
+    pub learning_rate: f64,
+
+    /// Tokens per conversation; longer ones are truncated.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_seq_len: u32,
+
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub r: u32,
+
+    /// LoRA alpha; the adapter's output is scaled by alpha / r.
+    #[arg(long, default_value_t = 16.0, value_parser = positive_number)]
+    pub alpha: f64,
+}
+
+fn positive_number(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(number) if number.is_finite() && number > 0.0 => Ok(number),
+        _ => Err(format!("{value:?} is not a positive number")),
+    }
+}

@@ -1,0 +1,192 @@
+//! The validated configuration of one `smart-studio` process, built from the command line and the
+//! environment. Every check runs before anything starts, and each error names the bad value.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use reqwest::Url;
+use studio_store::StoreSettings;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Command, GlobalArgs};
+
+/// Settings shared by every command.
+#[derive(Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub models_dir: PathBuf,
+    /// `None` only for commands that need no database (`fetch-model`).
+    pub database_url: Option<DatabaseUrl>,
+    pub listen_addr: SocketAddr,
+    pub log_filter: String,
+}
+
+impl Config {
+    /// Validates `args` for `command`.
+    pub fn from_args(args: &GlobalArgs, command: &Command) -> anyhow::Result<Config> {
+        let log_filter = args.log.clone().unwrap_or_else(|| default_log_filter(command).to_owned());
+        EnvFilter::try_new(&log_filter).with_context(|| {
+            format!("invalid log filter {log_filter:?} (--log or RUST_LOG): use tracing's EnvFilter syntax, such as `info` or `info,studio_worker=debug`")
+        })?;
+
+        ensure_dir_or_absent(&args.data_dir, "--data-dir or STUDIO_DATA_DIR")?;
+        ensure_dir_or_absent(&args.models_dir, "--models-dir or STUDIO_MODELS_DIR")?;
+
+        let database_url = match &args.database_url {
+            Some(raw) => Some(DatabaseUrl::parse(raw)?),
+            None if needs_database(command) => bail!(
+                "no database URL: set DATABASE_URL or pass --database-url, \
+                 such as DATABASE_URL=postgres://postgres@127.0.0.1:5432/studio"
+            ),
+            None => None,
+        };
+
+        Ok(Config {
+            data_dir: args.data_dir.clone(),
+            models_dir: args.models_dir.clone(),
+            database_url,
+            listen_addr: SocketAddr::new(args.host, args.port),
+            log_filter,
+        })
+    }
+
+    /// Returns the database URL, which `from_args` guarantees for every command that calls this.
+    pub fn database_url(&self) -> &DatabaseUrl {
+        self.database_url
+            .as_ref()
+            .expect("from_args rejects a missing database URL for commands that use the database")
+    }
+
+    /// Settings for `Services::open`; creates the data folder when it is missing.
+    pub fn store_settings(&self) -> anyhow::Result<StoreSettings> {
+        std::fs::create_dir_all(&self.data_dir).with_context(|| {
+            format!("failed to create the data folder {}", self.data_dir.display())
+        })?;
+
+        Ok(StoreSettings {
+            database_url: self.database_url().expose().to_owned(),
+            data_dir: self.data_dir.clone(),
+            models_dir: self.models_dir.clone(),
+        })
+    }
+}
+
+/// A Postgres connection URL whose `Debug` and `Display` hide the password, so that it can be
+/// logged.
+#[derive(Clone)]
+pub struct DatabaseUrl {
+    raw: String,
+    redacted: String,
+}
+
+impl DatabaseUrl {
+    pub fn parse(raw: &str) -> anyhow::Result<DatabaseUrl> {
+        let redacted = redact(raw);
+        let url = Url::parse(raw).with_context(|| {
+            format!("invalid database URL {redacted:?}: use postgres://USER:PASSWORD@HOST:PORT/DATABASE")
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            bail!(
+                "unsupported database URL scheme {:?} in {redacted:?}: only Postgres is supported, \
+                 use postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                url.scheme()
+            );
+        }
+
+        Ok(DatabaseUrl {
+            raw: raw.to_owned(),
+            redacted,
+        })
+    }
+
+    /// Returns the URL with its password, for the database driver only.
+    pub fn expose(&self) -> &str {
+        &self.raw
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({:?})", self.redacted)
+    }
+}
+
+/// Replaces the password of a URL with `****`. A string that does not parse as a URL is hidden
+/// whole, since it may still contain a password.
+fn redact(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                // Setting a password fails only for URLs that cannot have one, and those have none.
+                let _ = url.set_password(Some("****"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL hidden>".to_owned(),
+    }
+}
+
+fn needs_database(command: &Command) -> bool {
+    !matches!(command, Command::FetchModel)
+}
+
+fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    }
+}
+
+/// Rejects a path that exists but is not a folder; a missing folder is created later.
+fn ensure_dir_or_absent(path: &Path, option: &str) -> anyhow::Result<()> {
+    if path.exists() && !path.is_dir() {
+        bail!("{} ({option}) is not a folder: pass the path of a folder", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_password() {
+        let url = DatabaseUrl::parse("postgres://studio:s3cret@db:5432/studio").unwrap();
+
+        assert_eq!(url.to_string(), "postgres://studio:****@db:5432/studio");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert_eq!(url.expose(), "postgres://studio:s3cret@db:5432/studio");
+    }
+
+    #[test]
+    fn redact_keeps_url_without_password() {
+        let url = DatabaseUrl::parse("postgres://postgres@127.0.0.1:5432/test").unwrap();
+
+        assert_eq!(url.to_string(), "postgres://postgres@127.0.0.1:5432/test");
+    }
+
+    #[test]
+    fn database_url_rejects_other_scheme() {
+        let error = DatabaseUrl::parse("mysql://root:pw@db/studio").unwrap_err();
+
+        let message = format!("{error:#}");
+        assert!(message.contains("\"mysql\""), "{message}");
+        assert!(!message.contains("pw@"), "{message}");
+    }
+
+    #[test]
+    fn database_url_rejects_garbage_without_echoing_it() {
+        let error = DatabaseUrl::parse("not a url with s3cret").unwrap_err();
+
+        let message = format!("{error:#}");
+        assert!(!message.contains("s3cret"), "{message}");
+    }
+}

@@ -1,0 +1,12 @@
+//! Logging: `tracing` events formatted by `tracing-subscriber` on standard error.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. `filter` was validated by `Config::from_args`.
+pub fn init(filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
