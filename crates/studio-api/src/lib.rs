@@ -1,1 +1,84 @@
-//! studio-api
+//! The Smart Studio REST API, a superset of OpenAI's fine-tuning API.
+//!
+//! [`app`] builds the whole router with its middleware; tests call it without a socket.
+
+mod download;
+mod error;
+mod events;
+mod files;
+mod health;
+mod jobs;
+mod metrics;
+mod models;
+mod pagination;
+
+use axum::extract::Request;
+use axum::http::HeaderName;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use studio_store::Services;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use download::{adapter_key, ADAPTER_FILES};
+pub use error::ApiError;
+pub use files::artifact_key as file_artifact_key;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Builds the full router: every resource, request ids, tracing and server-error logging.
+pub fn app(services: Services) -> Router {
+    Router::new()
+        .merge(files::router())
+        .merge(jobs::router())
+        .merge(events::router())
+        .merge(metrics::router())
+        .merge(download::router())
+        .merge(models::router())
+        .merge(health::router())
+        .fallback(unknown_route)
+        .layer(middleware::from_fn(log_server_errors))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(services)
+}
+
+fn request_span(request: &Request) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+}
+
+/// Logs each 5xx once, inside the request's span, with the cause [`ApiError`] left behind.
+async fn log_server_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    if response.status().is_server_error() {
+        let detail = response
+            .extensions()
+            .get::<error::ServerErrorDetail>()
+            .map(|d| d.0.as_str())
+            .unwrap_or("");
+        tracing::error!(
+            status = response.status().as_u16(),
+            error = detail,
+            "request failed"
+        );
+    }
+    response
+}
+
+async fn unknown_route(request: Request) -> ApiError {
+    ApiError::not_found(
+        format!(
+            "unknown route {} {}",
+            request.method(),
+            request.uri().path()
+        ),
+        None,
+    )
+}

@@ -1,0 +1,266 @@
+//! `/v1/files`: upload, list, get and download datasets.
+
+use axum::body::Body;
+use axum::extract::multipart::Field;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use studio_core::dataset::{DatasetSummary, DatasetValidator};
+use studio_core::FileId;
+use studio_store::{ArtifactWriter, FileRecord, NewFile, Services};
+use tokio_util::io::ReaderStream;
+
+use crate::error::{parse_path_id, ApiError};
+use crate::pagination::{list_object, ListQuery};
+
+/// The largest upload accepted, in bytes.
+pub const MAX_UPLOAD_BYTES: usize = 1 << 30;
+/// The longest dataset line accepted, in bytes; longer lines are almost always a missing
+/// line break, and holding them would take unbounded memory.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+
+pub fn router() -> Router<Services> {
+    Router::new()
+        .route(
+            "/v1/files",
+            get(list_files)
+                .post(upload_file)
+                .layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
+        )
+        .route("/v1/files/{file_id}", get(get_file))
+        .route("/v1/files/{file_id}/content", get(file_content))
+}
+
+pub fn artifact_key(id: &FileId) -> String {
+    format!("files/{id}")
+}
+
+pub fn file_object(file: &FileRecord) -> Value {
+    json!({
+        "id": file.id,
+        "object": "file",
+        "bytes": file.bytes,
+        "created_at": file.created_at.timestamp(),
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "status": file.status,
+        "status_details": null,
+        "format": file.format.as_str(),
+        "line_count": file.line_count,
+        "sha256": file.sha256,
+    })
+}
+
+async fn list_files(
+    State(services): State<Services>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let page = query?.0.page_request()?;
+    let files = services.store.list_files(&page).await?;
+    Ok(Json(list_object(files, file_object)))
+}
+
+async fn get_file(
+    State(services): State<Services>,
+    Path(file_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_path_id(&file_id, FileId::parse)?;
+    let file = services.store.get_file(&id).await?;
+    Ok(Json(file_object(&file)))
+}
+
+async fn file_content(
+    State(services): State<Services>,
+    Path(file_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_path_id(&file_id, FileId::parse)?;
+    let file = services.store.get_file(&id).await?;
+    let (content, len) = services.artifacts.open(&artifact_key(&file.id)).await?;
+    let headers = [
+        (header::CONTENT_TYPE, "application/jsonl".to_owned()),
+        (header::CONTENT_LENGTH, len.to_string()),
+        (
+            header::CONTENT_DISPOSITION,
+            format!(
+                "attachment; filename=\"{}\"",
+                file.filename.replace('"', "")
+            ),
+        ),
+    ];
+    Ok((headers, Body::from_stream(ReaderStream::new(content))).into_response())
+}
+
+/// Streams the upload into a temporary artifact while validating it line by line, and only
+/// registers the file once the whole upload is valid. A bad upload leaves nothing behind.
+async fn upload_file(
+    State(services): State<Services>,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let mut multipart = multipart?;
+    let id = FileId::new();
+    let mut purpose = None;
+    let mut upload = None;
+
+    while let Some(field) = multipart.next_field().await? {
+        match field.name() {
+            Some("purpose") => purpose = Some(check_purpose(field.text().await?)?),
+            Some("file") if upload.is_none() => {
+                let writer = services.artifacts.writer(&artifact_key(&id)).await?;
+                upload = Some(receive_file(field, writer).await?);
+            }
+            Some("file") => {
+                return Err(ApiError::invalid(
+                    "send exactly one 'file' field",
+                    Some("file"),
+                    "invalid_value",
+                ))
+            }
+            _ => {}
+        }
+    }
+
+    let purpose = purpose.ok_or_else(|| missing_field("purpose"))?;
+    let upload = upload.ok_or_else(|| missing_field("file"))?;
+    let bytes = upload.writer.commit().await?;
+
+    let new_file = NewFile {
+        id: id.clone(),
+        filename: upload.filename,
+        purpose,
+        bytes,
+        sha256: upload.sha256,
+        format: upload.summary.format,
+        line_count: upload.summary.line_count as u64,
+    };
+    let record = match services.store.insert_file(&new_file).await {
+        Ok(record) => record,
+        Err(err) => {
+            // The content is committed but unregistered; remove it so no orphan remains.
+            let _ = services.artifacts.delete(&artifact_key(&id)).await;
+            return Err(err.into());
+        }
+    };
+    tracing::info!(file_id = %record.id, bytes, lines = record.line_count, unknown_keys = upload.summary.unknown_keys, "file uploaded");
+    Ok(Json(file_object(&record)))
+}
+
+fn missing_field(name: &str) -> ApiError {
+    ApiError::invalid(
+        format!("missing required multipart field '{name}'"),
+        Some(name),
+        "missing_required_parameter",
+    )
+}
+
+fn check_purpose(purpose: String) -> Result<String, ApiError> {
+    if purpose == "fine-tune" {
+        Ok(purpose)
+    } else {
+        Err(ApiError::invalid(
+            format!("unsupported purpose {purpose:?}; only 'fine-tune' is supported"),
+            Some("purpose"),
+            "invalid_value",
+        ))
+    }
+}
+
+struct Upload {
+    writer: ArtifactWriter,
+    filename: String,
+    sha256: String,
+    summary: DatasetSummary,
+}
+
+async fn receive_file(
+    mut field: Field<'_>,
+    mut writer: ArtifactWriter,
+) -> Result<Upload, ApiError> {
+    let filename = field
+        .file_name()
+        .filter(|name| !name.is_empty())
+        .unwrap_or("upload.jsonl")
+        .to_owned();
+    let mut lines = LineSplitter::default();
+    let mut hasher = Sha256::new();
+
+    while let Some(chunk) = field.chunk().await? {
+        hasher.update(&chunk);
+        writer.write(&chunk).await?;
+        lines.push(&chunk)?;
+    }
+    let summary = lines.finish()?;
+
+    Ok(Upload {
+        writer,
+        filename,
+        sha256: format!("{:x}", hasher.finalize()),
+        summary,
+    })
+}
+
+/// Cuts a byte stream into lines and validates each as soon as it is complete.
+#[derive(Default)]
+struct LineSplitter {
+    pending: Vec<u8>,
+    validator: DatasetValidator,
+    line: usize,
+}
+
+impl LineSplitter {
+    fn push(&mut self, chunk: &[u8]) -> Result<(), ApiError> {
+        self.pending.extend_from_slice(chunk);
+        let mut start = 0;
+        while let Some(offset) = self.pending[start..].iter().position(|&b| b == b'\n') {
+            let end = start + offset;
+            let line = self.pending[start..end].to_vec();
+            self.validate(&line)?;
+            start = end + 1;
+        }
+        self.pending.drain(..start);
+        if self.pending.len() > MAX_LINE_BYTES {
+            return Err(bad_file(format!(
+                "line {} is longer than {} MiB; write one JSON object per line",
+                self.line + 1,
+                MAX_LINE_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    fn validate(&mut self, line: &[u8]) -> Result<(), ApiError> {
+        self.line += 1;
+        let text = std::str::from_utf8(line).map_err(|_| {
+            bad_file(format!(
+                "line {}: not valid UTF-8; save the file as UTF-8",
+                self.line
+            ))
+        })?;
+        self.validator
+            .push_line(text)
+            .map_err(|err| bad_file(err.to_string()))?;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<DatasetSummary, ApiError> {
+        if !self.pending.is_empty() {
+            let last = std::mem::take(&mut self.pending);
+            self.validate(&last)?;
+        }
+        self.validator
+            .finish()
+            .map_err(|err| bad_file(err.to_string()))
+    }
+}
+
+fn bad_file(message: String) -> ApiError {
+    ApiError::invalid(
+        format!("invalid training file: {message}"),
+        Some("file"),
+        "invalid_file",
+    )
+}

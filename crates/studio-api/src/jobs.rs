@@ -1,0 +1,204 @@
+//! `/v1/fine_tuning/jobs`: create, list, get and cancel fine-tuning jobs.
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use studio_core::{FileId, JobId, JobSpec};
+use studio_store::{CancelOutcome, EventLevel, JobRecord, NewEvent, NewJob, PageRequest, Services};
+
+use crate::error::{parse_path_id, ApiError};
+use crate::pagination::{list_object, ListQuery};
+
+/// How often a job may be claimed before an expired lease fails it.
+const MAX_ATTEMPTS: u32 = 3;
+/// The `organization_id` of every job: a self-hosted deployment has one organization.
+const ORGANIZATION_ID: &str = "org-studio";
+
+pub fn router() -> Router<Services> {
+    Router::new()
+        .route("/v1/fine_tuning/jobs", get(list_jobs).post(create_job))
+        .route("/v1/fine_tuning/jobs/{job_id}", get(get_job))
+        .route("/v1/fine_tuning/jobs/{job_id}/cancel", post(cancel_job))
+}
+
+/// Loads the job named in a path, or a 404.
+pub async fn find_job(services: &Services, job_id: &str) -> Result<JobRecord, ApiError> {
+    let id = parse_path_id(job_id, JobId::parse)?;
+    Ok(services.store.get_job(&id).await?)
+}
+
+pub fn job_object(job: &JobRecord) -> Value {
+    let spec = &job.spec;
+    json!({
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": job.created_at.timestamp(),
+        "finished_at": job.finished_at.map(|t| t.timestamp()),
+        "model": spec.model,
+        "fine_tuned_model": job.fine_tuned_model,
+        "organization_id": ORGANIZATION_ID,
+        "status": job.status,
+        "training_file": spec.training_file,
+        "validation_file": spec.validation_file,
+        "hyperparameters": spec.hyperparameters(),
+        "method": spec.method,
+        "training_type": spec.training_type,
+        "trained_tokens": job.trained_tokens,
+        "error": job.error,
+        "result_files": [],
+        "seed": spec.seed,
+        "estimated_finish": null,
+        "integrations": [],
+        "metadata": spec.metadata,
+        "user_provided_suffix": spec.suffix,
+    })
+}
+
+async fn create_job(
+    State(services): State<Services>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let body: Value = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::invalid(
+            format!("the request body is not valid JSON: {err}"),
+            None,
+            "invalid_json",
+        )
+    })?;
+    let spec = JobSpec::parse(&body, random_seed())?;
+
+    services.models.resolve(&spec.model)?;
+    let training = check_file(&services, &spec.training_file, "training_file").await?;
+    if let Some(validation_file) = &spec.validation_file {
+        check_file(&services, validation_file, "validation_file").await?;
+    }
+
+    let job = services
+        .store
+        .insert_job(&NewJob {
+            id: JobId::new(),
+            spec,
+            max_attempts: MAX_ATTEMPTS,
+        })
+        .await?;
+    let message = format!(
+        "Created fine-tuning job {}; training file {} has {} examples in the {} format",
+        job.id,
+        training.id,
+        training.line_count,
+        training.format.as_str()
+    );
+    services
+        .store
+        .insert_event(&NewEvent::message(&job.id, EventLevel::Info, message))
+        .await?;
+    tracing::info!(job_id = %job.id, model = %job.spec.model, "fine-tuning job queued");
+    Ok(Json(job_object(&job)))
+}
+
+/// Checks that `id` names an uploaded fine-tune file; the error lists recent ones.
+async fn check_file(
+    services: &Services,
+    id: &FileId,
+    param: &str,
+) -> Result<studio_store::FileRecord, ApiError> {
+    let file = match services.store.get_file(id).await {
+        Ok(file) => file,
+        Err(studio_store::StoreError::NotFound { .. }) => {
+            let recent = services.store.list_files(&PageRequest::first(10)).await?;
+            let listed: Vec<String> = recent
+                .data
+                .iter()
+                .map(|f| format!("{} ({})", f.id, f.filename))
+                .collect();
+            let hint = if listed.is_empty() {
+                "no files are uploaded yet; upload one with POST /v1/files".to_owned()
+            } else {
+                format!("recent files: {}", listed.join(", "))
+            };
+            return Err(ApiError::invalid(
+                format!("{param} {id} not found; {hint}"),
+                Some(param),
+                "file_not_found",
+            ));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    if file.purpose != "fine-tune" {
+        return Err(ApiError::invalid(
+            format!(
+                "{param} {id} has purpose '{}'; upload it with purpose 'fine-tune'",
+                file.purpose
+            ),
+            Some(param),
+            "invalid_file_purpose",
+        ));
+    }
+    Ok(file)
+}
+
+/// A seed for a request that gave none; echoed on the job so the run can be repeated.
+fn random_seed() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+async fn list_jobs(
+    State(services): State<Services>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let page = query?.0.page_request()?;
+    let jobs = services.store.list_jobs(&page).await?;
+    Ok(Json(list_object(jobs, job_object)))
+}
+
+async fn get_job(
+    State(services): State<Services>,
+    Path(job_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let job = find_job(&services, &job_id).await?;
+    Ok(Json(job_object(&job)))
+}
+
+async fn cancel_job(
+    State(services): State<Services>,
+    Path(job_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_path_id(&job_id, JobId::parse)?;
+    let job = match services.store.request_cancel(&id).await? {
+        CancelOutcome::Cancelled(job) => {
+            let event = NewEvent::message(&job.id, EventLevel::Info, "Fine-tuning job cancelled before it started");
+            services.store.insert_event(&event).await?;
+            job
+        }
+        CancelOutcome::Requested(job) => {
+            let message = "Cancel requested; the worker stops the job after the current step";
+            services.store.insert_event(&NewEvent::message(&job.id, EventLevel::Info, message)).await?;
+            job
+        }
+        CancelOutcome::AlreadyFinished(job) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "fine-tuning job {} cannot be cancelled: it already {}; only queued, paused or running jobs can be cancelled",
+                    job.id,
+                    finished_phrase(job.status)
+                ),
+                None,
+                "job_already_finished",
+            ))
+        }
+    };
+    tracing::info!(job_id = %job.id, status = %job.status, "fine-tuning job cancel requested");
+    Ok(Json(job_object(&job)))
+}
+
+fn finished_phrase(status: studio_core::JobStatus) -> String {
+    match status {
+        studio_core::JobStatus::Succeeded => "succeeded".into(),
+        studio_core::JobStatus::Failed => "failed".into(),
+        studio_core::JobStatus::Cancelled => "was cancelled".into(),
+        other => format!("is {other}"),
+    }
+}
