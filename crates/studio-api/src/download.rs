@@ -9,25 +9,18 @@ use axum::routing::get;
 use axum::Router;
 use futures::stream::{self, StreamExt};
 use serde::Deserialize;
-use studio_core::{JobId, JobStatus};
+use studio_core::JobStatus;
+use studio_store::keys::{final_adapter_key, ADAPTER_FILES};
 use studio_store::{Services, StoreError};
 use tokio_util::io::ReaderStream;
 
 use crate::error::ApiError;
 use crate::jobs::find_job;
 
-/// The files of a LoRA adapter in PEFT layout, at the root of the archive.
-pub const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
-
 const TAR_BLOCK: u64 = 512;
 
 pub fn router() -> Router<Services> {
     Router::new().route("/v1/fine_tuning/jobs/{job_id}/download", get(download))
-}
-
-/// The artifact key of one file of a job's final adapter.
-pub fn adapter_key(job_id: &JobId, file: &str) -> String {
-    format!("jobs/{job_id}/final/adapter/{file}")
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,10 +48,11 @@ async fn download(
     }
 
     let mut entries = Vec::with_capacity(ADAPTER_FILES.len());
+    // The adapter files sit at the root of the archive, as PEFT loads them from a folder.
     for name in ADAPTER_FILES {
         let (file, len) = services
             .artifacts
-            .open(&adapter_key(&job.id, name))
+            .open(&final_adapter_key(&job.id, name))
             .await
             .map_err(|err| match err {
                 StoreError::NotFound { .. } => ApiError::not_found(

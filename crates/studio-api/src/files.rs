@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use studio_core::dataset::{DatasetSummary, DatasetValidator};
 use studio_core::FileId;
+use studio_store::keys::file_key;
 use studio_store::{ArtifactWriter, FileRecord, NewFile, Services};
 use tokio_util::io::ReaderStream;
 
@@ -34,10 +35,6 @@ pub fn router() -> Router<Services> {
         )
         .route("/v1/files/{file_id}", get(get_file))
         .route("/v1/files/{file_id}/content", get(file_content))
-}
-
-pub fn artifact_key(id: &FileId) -> String {
-    format!("files/{id}")
 }
 
 pub fn file_object(file: &FileRecord) -> Value {
@@ -80,7 +77,7 @@ async fn file_content(
 ) -> Result<Response, ApiError> {
     let id = parse_path_id(&file_id, FileId::parse)?;
     let file = services.store.get_file(&id).await?;
-    let (content, len) = services.artifacts.open(&artifact_key(&file.id)).await?;
+    let (content, len) = services.artifacts.open(&file_key(&file.id)).await?;
     let headers = [
         (header::CONTENT_TYPE, "application/jsonl".to_owned()),
         (header::CONTENT_LENGTH, len.to_string()),
@@ -110,7 +107,7 @@ async fn upload_file(
         match field.name() {
             Some("purpose") => purpose = Some(check_purpose(field.text().await?)?),
             Some("file") if upload.is_none() => {
-                let writer = services.artifacts.writer(&artifact_key(&id)).await?;
+                let writer = services.artifacts.writer(&file_key(&id)).await?;
                 upload = Some(receive_file(field, writer).await?);
             }
             Some("file") => {
@@ -141,7 +138,7 @@ async fn upload_file(
         Ok(record) => record,
         Err(err) => {
             // The content is committed but unregistered; remove it so no orphan remains.
-            let _ = services.artifacts.delete(&artifact_key(&id)).await;
+            let _ = services.artifacts.delete(&file_key(&id)).await;
             return Err(err.into());
         }
     };

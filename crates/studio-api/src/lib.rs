@@ -21,9 +21,7 @@ use studio_store::Services;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-pub use download::{adapter_key, ADAPTER_FILES};
 pub use error::ApiError;
-pub use files::artifact_key as file_artifact_key;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

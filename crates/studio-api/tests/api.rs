@@ -537,13 +537,16 @@ async fn download_streams_adapter_tar(pool: PgPool) {
     let weights = vec![7u8; 1000];
     app.services
         .artifacts
-        .put_bytes(&studio_api::adapter_key(&id, "adapter_config.json"), config)
+        .put_bytes(
+            &studio_store::keys::final_adapter_key(&id, "adapter_config.json"),
+            config,
+        )
         .await
         .unwrap();
     app.services
         .artifacts
         .put_bytes(
-            &studio_api::adapter_key(&id, "adapter_model.safetensors"),
+            &studio_store::keys::final_adapter_key(&id, "adapter_model.safetensors"),
             &weights,
         )
         .await

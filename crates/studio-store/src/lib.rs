@@ -8,6 +8,7 @@ mod artifacts;
 mod catalog;
 mod clock;
 mod error;
+pub mod keys;
 mod postgres;
 mod records;
 mod store;
