@@ -28,21 +28,21 @@ pub struct LoadedModel {
     pub special: SpecialTokens,
 }
 
-/// Loads a base model from a GGUF file.
-///
-/// NOTE: only GGUF is read so far; a Hugging Face folder (`config.json`, safetensors,
-/// `tokenizer.json`) is rejected with an error until that loader is added beside this one.
+/// Loads a base model from a GGUF file or a Hugging Face folder holding `config.json`.
 pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, TrainError> {
     let is_gguf = path.extension().is_some_and(|ext| ext == "gguf");
     if path.is_file() && is_gguf {
         return crate::gguf::load(path, device);
     }
+    if path.is_dir() && path.join(crate::hf::CONFIG).is_file() {
+        return crate::hf::load(path, device);
+    }
     let message = if path.is_dir() {
-        "Hugging Face model folders are not supported yet; use a GGUF file".to_string()
+        "the folder has no config.json, so it is not a Hugging Face model folder".to_string()
     } else if path.exists() {
-        "expected a .gguf file".to_string()
+        "expected a .gguf file or a Hugging Face model folder".to_string()
     } else {
-        "no such file".to_string()
+        "no such file or folder".to_string()
     };
     Err(TrainError::ModelLoad {
         path: path.to_path_buf(),

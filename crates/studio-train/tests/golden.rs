@@ -9,6 +9,7 @@ use serde_json::Value;
 use studio_core::dataset::{Conversation, Message, Role};
 use studio_train::batch::{batch_loss, Batch};
 use studio_train::chat::{ChatEncoder, ChatTemplate, EncodedExample};
+use studio_train::export::{save_model_folder, FolderMetadata};
 use studio_train::loader::{load_model, LoadedModel};
 use studio_train::lora;
 use studio_train::model::{ForwardContext, Llama};
@@ -336,4 +337,75 @@ fn reference_adapter_gives_every_matrix_a_gradient() {
         let norm = grad.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(norm > 0.0, "{key} received a zero gradient");
     }
+}
+
+/// Writes the GGUF model as a Hugging Face folder in shards, then puts the tokenizer files and
+/// `config.json` that `transformers` wrote for this model beside the weights.
+fn hugging_face_folder(model: &Llama, merge_lora: bool) -> tempfile::TempDir {
+    let loaded = &fixture().loaded;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("model");
+    let metadata = FolderMetadata {
+        tokenizer: &loaded.tokenizer,
+        chat_template: loaded.chat_template.as_deref(),
+        special: loaded.special,
+    };
+    save_model_folder(model, &metadata, merge_lora, 200_000_000, &dir).unwrap();
+    assert!(dir.join("model.safetensors.index.json").is_file(), "a 540 MB model in 200 MB shards needs an index");
+    for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"] {
+        std::fs::copy(reference_dir().join("smollm2-tokenizer").join(file), dir.join(file)).unwrap();
+    }
+    root
+}
+
+#[test]
+fn hugging_face_folder_matches_reference() {
+    let root = hugging_face_folder(&base_model(), false);
+    let loaded = load_model(&root.path().join("model"), &Device::Cpu).unwrap();
+    assert_eq!(loaded.config, fixture().loaded.config, "config read from config.json");
+    assert_eq!(loaded.special, fixture().loaded.special, "special tokens from tokenizer_config.json");
+
+    for case in fixture().golden["tokenizer_cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let ids = loaded.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(ids, ids_of(&case["ids"]), "token ids of {text:?}");
+    }
+
+    let template = ChatTemplate::new(loaded.chat_template.as_deref().unwrap()).unwrap();
+    let encoder = ChatEncoder {
+        template: &template,
+        tokenizer: &loaded.tokenizer,
+        end_of_turn: "<|im_end|>",
+    };
+    let model = Llama::from_weights(&loaded.config, &loaded.weights, &Device::Cpu).unwrap();
+    for (index, case) in fixture().golden["chat_sft"].as_array().unwrap().iter().enumerate() {
+        let example = encoder.encode(&conversation(&case["messages"])).unwrap();
+        assert_eq!(example.ids, ids_of(&case["input_ids"]), "token ids of conversation {index}");
+        let loss = scalar(&mean_loss(&model, &[&example]));
+        let expected = f64_at(&case["masked_mean_loss"]);
+        assert!((loss - expected).abs() < 1e-3, "conversation {index}: loss {loss}, expected {expected}");
+    }
+}
+
+fn last_logits(model: &Llama, example: &EncodedExample) -> Tensor {
+    let input = Tensor::new(example.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let hidden = model.hidden_states(&input, &[example.ids.len()], &mut ForwardContext::eval()).unwrap();
+    model.logits(&hidden).unwrap()
+}
+
+#[test]
+fn merged_export_reloads_with_same_logits() {
+    let example = chat_example(2);
+    let adapted = reference_adapted_model();
+    let expected = last_logits(&adapted, &example);
+
+    let root = hugging_face_folder(&adapted, true);
+    let loaded = load_model(&root.path().join("model"), &Device::Cpu).unwrap();
+    let merged = Llama::from_weights(&loaded.config, &loaded.weights, &Device::Cpu).unwrap();
+    let actual = last_logits(&merged, &example);
+
+    let difference = (actual - &expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(difference < 1e-3, "merged logits differ by {difference}");
+    let base_difference = (last_logits(&base_model(), &example) - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(base_difference > 1e-2, "the reference adapter should change the logits, changed by {base_difference}");
 }
