@@ -261,6 +261,40 @@ impl Llama {
         })
     }
 
+    /// Makes every weight a trained variable for full fine-tuning and returns them under
+    /// Hugging Face names. A tied head stays one variable with the embedding, as in PyTorch,
+    /// so its gradient is the sum of both uses.
+    pub fn make_all_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        let tied = self.config.tie_word_embeddings;
+        let mut vars = Vec::new();
+        let mut promote = |name: String, tensor: &mut Tensor| -> Result<()> {
+            let var = Var::from_tensor(tensor)?;
+            *tensor = var.as_tensor().clone();
+            vars.push((name, var));
+            Ok(())
+        };
+        promote("model.embed_tokens.weight".into(), &mut self.embed_tokens)?;
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{index}");
+            promote(format!("{prefix}.input_layernorm.weight"), &mut layer.input_layernorm)?;
+            promote(format!("{prefix}.post_attention_layernorm.weight"), &mut layer.post_attention_layernorm)?;
+            for (parent, module) in crate::config::LINEAR_MODULES {
+                let linear = layer.linear_mut(module).expect("module listed in LINEAR_MODULES");
+                promote(format!("{prefix}.{parent}.{module}.weight"), &mut linear.weight)?;
+                if let Some(bias) = linear.bias.as_mut() {
+                    promote(format!("{prefix}.{parent}.{module}.bias"), bias)?;
+                }
+            }
+        }
+        promote("model.norm.weight".into(), &mut self.norm)?;
+        if tied {
+            self.lm_head = self.embed_tokens.clone();
+        } else {
+            promote("lm_head.weight".into(), &mut self.lm_head)?;
+        }
+        Ok(vars)
+    }
+
     /// Every LoRA variable of the model, in layer order.
     pub fn lora_vars(&self) -> Vec<Var> {
         let mut vars = Vec::new();

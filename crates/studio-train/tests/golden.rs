@@ -409,3 +409,23 @@ fn merged_export_reloads_with_same_logits() {
     let base_difference = (last_logits(&base_model(), &example) - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(base_difference > 1e-2, "the reference adapter should change the logits, changed by {base_difference}");
 }
+
+#[test]
+fn full_adamw_steps_match_reference() {
+    let reference = &fixture().golden["full_training_reference"];
+    let mut model = base_model();
+    let vars: Vec<_> = model.make_all_trainable().unwrap().into_iter().map(|(_, var)| var).collect();
+    assert_eq!(vars.iter().map(|v| v.elem_count()).sum::<usize>(), 134_515_008, "tied parameters counted once");
+
+    let mut optimizer = AdamW::new(vars, AdamWConfig::default()).unwrap();
+    for step in 0..2 {
+        let loss = mean_loss(&model, &[&chat_example(step)]);
+        let grads = loss.backward().unwrap();
+        let grad_norm = global_grad_norm(optimizer.params(), &grads).unwrap();
+        assert_close(scalar(&loss), f64_at(&reference["loss_before_each_step"][step]), 1e-3, &format!("loss before step {step}"));
+        assert_close(grad_norm, f64_at(&reference["grad_norm_each_step"][step]), 1e-3, &format!("gradient norm at step {step}"));
+        optimizer.step(&grads, 1e-5).unwrap();
+    }
+    let after = scalar(&mean_loss(&model, &[&chat_example(0)]));
+    assert_close(after, f64_at(&reference["loss_chat_sft0_after_2_steps"]), 1e-3, "loss after two steps");
+}
