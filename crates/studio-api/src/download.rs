@@ -118,7 +118,7 @@ fn check_artifact(artifact: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The size of a tar entry's data rounded up to whole blocks.
+/// Rounds the size of a tar entry's data up to whole blocks.
 fn padded(len: u64) -> u64 {
     len.div_ceil(TAR_BLOCK) * TAR_BLOCK
 }

@@ -19,10 +19,10 @@ use tokio_util::io::ReaderStream;
 use crate::error::{parse_path_id, ApiError};
 use crate::pagination::{list_object, ListQuery};
 
-/// The largest upload accepted, in bytes.
+/// The maximum upload size, in bytes.
 pub const MAX_UPLOAD_BYTES: usize = 1 << 30;
-/// The longest dataset line accepted, in bytes; longer lines are almost always a missing
-/// line break, and holding them would take unbounded memory.
+/// The maximum length of one dataset line, in bytes. A longer line is almost always a missing
+/// line break, and buffering it would take unbounded memory.
 pub const MAX_LINE_BYTES: usize = 16 << 20;
 
 pub fn router() -> Router<Services> {

@@ -1,4 +1,4 @@
-//! `/healthz`: liveness. It answers without touching the database, so a slow database does not
+//! `/healthz`: liveness. It responds without touching the database, so a slow database does not
 //! get the process restarted.
 
 use axum::routing::get;

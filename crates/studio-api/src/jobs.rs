@@ -140,7 +140,7 @@ async fn check_file(
     Ok(file)
 }
 
-/// A seed for a request that gave none; echoed on the job so the run can be repeated.
+/// Draws a seed for a request without one. The job echoes it, so the run can be repeated.
 fn random_seed() -> u64 {
     uuid::Uuid::new_v4().as_u64_pair().0
 }

@@ -79,7 +79,7 @@ pub struct LineError {
     pub problem: LineProblem,
 }
 
-/// What is wrong with one line; fields are named by their JSON path, as `messages[2].role`.
+/// The problem with one line. Fields are named by their JSON path, as `messages[2].role`.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum LineProblem {
     #[error("not valid JSON ({0})")]
@@ -163,7 +163,7 @@ pub struct DatasetValidator {
     unknown_keys: usize,
 }
 
-/// What a valid dataset file contains.
+/// The contents of a valid dataset file, in figures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DatasetSummary {
     pub format: DatasetFormat,

@@ -59,7 +59,7 @@ impl SpecError {
         }
     }
 
-    /// A stable code for the error envelope.
+    /// Returns a stable code for the error envelope.
     pub fn code(&self) -> &'static str {
         match self.kind {
             SpecErrorKind::Invalid => "invalid_value",
@@ -189,7 +189,7 @@ impl JobSpec {
         }
     }
 
-    /// The name of the model a successful job produces: `ft:{model}:{suffix or "studio"}:{job id}`.
+    /// Names the model a successful job produces: `ft:{model}:{suffix or "studio"}:{job id}`.
     pub fn fine_tuned_model(&self, job_id: &JobId) -> String {
         let suffix = self.suffix.as_deref().unwrap_or("studio");
         format!("ft:{}:{}:{}", self.model, suffix, job_id)

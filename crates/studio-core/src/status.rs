@@ -54,19 +54,19 @@ impl JobStatus {
         )
     }
 
-    /// Whether the status machine allows going from `self` to `next`.
+    /// Checks whether the status machine allows going from `self` to `next`.
     ///
     /// `running → queued` is the rescue of a job whose worker lost its lease or shut down;
     /// `paused → queued` is resume.
     pub fn can_transition_to(self, next: JobStatus) -> bool {
         use JobStatus::*;
-        match (self, next) {
-            (ValidatingFiles, Queued | Failed | Cancelled) => true,
-            (Queued, Running | Cancelled | Failed) => true,
-            (Running, Succeeded | Failed | Cancelled | Paused | Queued) => true,
-            (Paused, Queued | Cancelled) => true,
-            _ => false,
-        }
+        matches!(
+            (self, next),
+            (ValidatingFiles, Queued | Failed | Cancelled)
+                | (Queued, Running | Cancelled | Failed)
+                | (Running, Succeeded | Failed | Cancelled | Paused | Queued)
+                | (Paused, Queued | Cancelled)
+        )
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 
-/// How a base model is stored.
+/// The storage layout of a base model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelFormat {
     /// A single `NAME.gguf` file.
@@ -63,7 +63,7 @@ impl ModelCatalog {
         &self.dir
     }
 
-    /// The base models, sorted by name. A missing folder is an empty catalog.
+    /// Lists the base models, sorted by name. A missing folder is an empty catalog.
     pub fn list(&self) -> Result<Vec<BaseModel>, CatalogError> {
         let unreadable = |source| CatalogError::Unreadable {
             dir: self.dir.clone(),

@@ -20,7 +20,7 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to.
+/// A clock that moves only when a test advances it.
 #[derive(Debug)]
 pub struct ManualClock(Mutex<DateTime<Utc>>);
 

@@ -5,12 +5,12 @@ use studio_core::{FileId, JobId};
 /// The files of a LoRA adapter in PEFT layout.
 pub const ADAPTER_FILES: [&str; 2] = ["adapter_config.json", "adapter_model.safetensors"];
 
-/// The key of an uploaded file's content.
+/// Returns the key of an uploaded file's content.
 pub fn file_key(id: &FileId) -> String {
     format!("files/{id}")
 }
 
-/// The key of one file of a job's final adapter.
+/// Returns the key of one file of a job's final adapter.
 pub fn final_adapter_key(job_id: &JobId, file: &str) -> String {
     format!("jobs/{job_id}/final/adapter/{file}")
 }

@@ -30,7 +30,7 @@ pub use store::Store;
 /// The migrations of `migrations/` at the repository root, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
-/// Where the service keeps its state.
+/// The locations of the service's state.
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
     /// `postgres://…`.

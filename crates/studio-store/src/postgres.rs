@@ -53,7 +53,7 @@ impl PgStore {
         Ok(self.clock.now() + lease)
     }
 
-    /// The paging position of `after` in `table`, or `i64::MAX` for the first page.
+    /// Looks up the paging position of `after` in `table`, or `i64::MAX` for the first page.
     async fn seq_after(
         &self,
         table: &'static str,
@@ -241,7 +241,7 @@ impl Store for PgStore {
         lease: Duration,
     ) -> Result<Option<JobRecord>, StoreError> {
         // Safe under concurrency: FOR UPDATE SKIP LOCKED makes a concurrent claimer skip the
-        // row this one locked instead of waiting for it, and the outer UPDATE runs in the same
+        // row this one locked instead of waiting for it. The outer UPDATE runs in the same
         // statement, so no other transaction can claim the row between the select and the update.
         let sql = format!(
             "WITH next AS (
@@ -280,7 +280,7 @@ impl Store for PgStore {
         lease: Duration,
     ) -> Result<Heartbeat, StoreError> {
         // Safe under concurrency: the lease is extended only while this worker still owns the
-        // running job; after a rescue or a finish the row no longer matches and nothing changes.
+        // running job. After a rescue or a finish the row no longer matches, so nothing changes.
         let row = sqlx::query(
             "UPDATE jobs SET lease_expires_at = $3, updated_at = $4
              WHERE id = $1 AND locked_by = $2 AND status = 'running'

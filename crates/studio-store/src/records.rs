@@ -60,7 +60,7 @@ pub struct JobRecord {
     pub error: Option<JobError>,
     pub fine_tuned_model: Option<String>,
     pub trained_tokens: Option<u64>,
-    /// The worker that holds the job while it runs.
+    /// The worker that owns the job while it runs.
     pub locked_by: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     /// How many times the job was claimed, this run included.
@@ -69,7 +69,7 @@ pub struct JobRecord {
     pub cancel_requested: bool,
 }
 
-/// What a cancel request did.
+/// The effect of a cancel request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CancelOutcome {
     /// The job had not started and is now `cancelled`.
@@ -80,14 +80,14 @@ pub enum CancelOutcome {
     AlreadyFinished(JobRecord),
 }
 
-/// The answer to a heartbeat of the worker that owns the job.
+/// The result of a heartbeat from the worker that owns the job.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Heartbeat {
     pub cancel_requested: bool,
     pub lease_expires_at: DateTime<Utc>,
 }
 
-/// What happened to a job whose lease expired.
+/// The new state of a job whose lease expired.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RescuedJob {
     pub id: JobId,

@@ -24,9 +24,9 @@ pub trait Store: Send + Sync {
     async fn insert_job(&self, job: &NewJob) -> Result<JobRecord, StoreError>;
     async fn get_job(&self, id: &JobId) -> Result<JobRecord, StoreError>;
     async fn list_jobs(&self, page: &PageRequest) -> Result<Page<JobRecord>, StoreError>;
-    /// Succeeded jobs, whose `fine_tuned_model`s can be served, newest first.
+    /// Lists succeeded jobs, whose `fine_tuned_model`s can be served, newest first.
     async fn list_succeeded_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
-    /// Cancels a job that has not started, or asks the worker of a running job to stop it.
+    /// Cancels a job that has not started, or flags a running job so its worker stops it.
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome, StoreError>;
 
     /// Takes the oldest queued job for `worker_id` with a lease of `lease`, or `None` when the
@@ -84,6 +84,6 @@ pub trait Store: Send + Sync {
         worker_id: &str,
         points: &[MetricPoint],
     ) -> Result<u64, StoreError>;
-    /// All metric rows of a job, by step.
+    /// Lists all metric rows of a job, by step.
     async fn list_metrics(&self, job_id: &JobId) -> Result<Vec<MetricPoint>, StoreError>;
 }

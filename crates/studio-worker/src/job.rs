@@ -21,7 +21,7 @@ struct Prepared {
     model_path: PathBuf,
 }
 
-/// How a run ended, as far as the trainer is concerned.
+/// The end of a run as the trainer reported it.
 enum Ended {
     Trained { trained_tokens: u64 },
     Stopped,

@@ -18,7 +18,7 @@ const FLUSH_BATCH: usize = 64;
 /// A run writes about this many progress events, whatever its length.
 const PROGRESS_EVENTS_PER_RUN: u64 = 20;
 
-/// Why a run should stop early. Set by the heartbeat, the shutdown watcher and the writer;
+/// Reasons to stop a run early, set by the heartbeat, the shutdown watcher and the writer and
 /// read by the trainer between steps.
 #[derive(Debug, Default)]
 pub struct StopFlags {
@@ -187,10 +187,11 @@ impl ProgressWriter {
     }
 }
 
-/// The first step, the last, and about [`PROGRESS_EVENTS_PER_RUN`] evenly spaced ones between.
+/// Selects the steps that get a progress event: the first, the last, and about
+/// [`PROGRESS_EVENTS_PER_RUN`] evenly spaced ones between.
 fn is_progress_step(step: u64, total_steps: u64) -> bool {
     let every = (total_steps / PROGRESS_EVENTS_PER_RUN).max(1);
-    step == 1 || step == total_steps || step % every == 0
+    step == 1 || step == total_steps || step.checked_rem(every) == Some(0)
 }
 
 #[cfg(test)]
