@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use crate::config::LINEAR_MODULES;
@@ -91,7 +91,7 @@ pub fn config_json(model: &Llama, special: SpecialTokens) -> Value {
     })
 }
 
-/// Writes a complete model folder: `config.json`, `generation_config.json`, the weights
+/// Writes a complete model folder in f32: `config.json`, `generation_config.json`, the weights
 /// (`model.safetensors`, or shards with `model.safetensors.index.json` above `max_shard_bytes`),
 /// `tokenizer.json`, `tokenizer_config.json` and `chat_template.jinja`.
 ///
@@ -110,8 +110,9 @@ pub fn save_model_folder(
     }
     fs::create_dir_all(&staging)?;
 
-    let weights = model_weights(model, merge_lora)?;
-    for (name, tensor) in &weights {
+    let mut weights = model_weights(model, merge_lora)?;
+    for (name, tensor) in weights.iter_mut() {
+        *tensor = tensor.to_dtype(DType::F32)?;
         let max = tensor.abs()?.max_all()?.to_scalar::<f32>()?;
         if !max.is_finite() {
             return Err(TrainError::NonFinite(format!("weight {name} holds a non-finite value")));

@@ -17,7 +17,9 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub mod schedule;
 mod run;
+pub mod tiny;
 pub mod tokenizer;
 
 pub use error::TrainError;

@@ -67,6 +67,7 @@ pub fn attach(model: &mut Llama, settings: &LoraSettings, rng: &mut Rng) -> Resu
     validate(settings)?;
     let config = model.config.clone();
     let device = model.device().clone();
+    let dtype = model.embed_tokens.dtype();
     let scale = settings.alpha / settings.r as f64;
     for layer in &mut model.layers {
         for (_, module) in LINEAR_MODULES {
@@ -75,8 +76,9 @@ pub fn attach(model: &mut Llama, settings: &LoraSettings, rng: &mut Rng) -> Resu
             }
             let (fan_in, fan_out) = config.linear_shape(module).expect("module listed in LINEAR_MODULES");
             let bound = 1.0 / (fan_in as f32).sqrt();
-            let a = Tensor::from_vec(rng.uniform_vec(settings.r * fan_in, -bound, bound), (settings.r, fan_in), &device)?;
-            let b = Tensor::zeros((fan_out, settings.r), DType::F32, &device)?;
+            let a = Tensor::from_vec(rng.uniform_vec(settings.r * fan_in, -bound, bound), (settings.r, fan_in), &device)?
+                .to_dtype(dtype)?;
+            let b = Tensor::zeros((fan_out, settings.r), dtype, &device)?;
             let linear = layer.linear_mut(module).expect("module listed in LINEAR_MODULES");
             linear.lora = Some(LoraAdapter {
                 a: Var::from_tensor(&a)?,
@@ -89,18 +91,26 @@ pub fn attach(model: &mut Llama, settings: &LoraSettings, rng: &mut Rng) -> Resu
     Ok(())
 }
 
-/// The adapter's matrices under PEFT's key names.
-pub fn adapter_tensors(model: &Llama) -> HashMap<String, Tensor> {
-    let mut tensors = HashMap::new();
+/// The adapter's variables under PEFT's key names, in layer and module order.
+pub fn adapter_vars(model: &Llama) -> Vec<(String, Var)> {
+    let mut vars = Vec::new();
     for (index, layer) in model.layers.iter().enumerate() {
         for (_, module) in LINEAR_MODULES {
             if let Some(lora) = layer.linear(module).and_then(|l| l.lora.as_ref()) {
-                tensors.insert(peft_key(index, module, 'A'), lora.a.as_tensor().clone());
-                tensors.insert(peft_key(index, module, 'B'), lora.b.as_tensor().clone());
+                vars.push((peft_key(index, module, 'A'), lora.a.clone()));
+                vars.push((peft_key(index, module, 'B'), lora.b.clone()));
             }
         }
     }
-    tensors
+    vars
+}
+
+/// The adapter's matrices under PEFT's key names.
+pub fn adapter_tensors(model: &Llama) -> HashMap<String, Tensor> {
+    adapter_vars(model)
+        .into_iter()
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect()
 }
 
 /// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout. Each file is
@@ -109,7 +119,7 @@ pub fn save_adapter(model: &Llama, settings: &LoraSettings, base_model: &str, di
     fs::create_dir_all(dir)?;
     let tensors = adapter_tensors(model);
     for (name, tensor) in &tensors {
-        let finite = tensor.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
+        let finite = tensor.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite();
         if !finite {
             return Err(TrainError::NonFinite(format!("adapter tensor {name} holds a non-finite value")));
         }
@@ -167,7 +177,7 @@ pub fn load_adapter_weights(model: &mut Llama, dir: &Path) -> Result<(), TrainEr
                     message: format!("adapter {} has no tensor {key}", path.display()),
                     param: None,
                 })?;
-                var.set(&tensor.to_dtype(DType::F32)?)?;
+                var.set(&tensor.to_dtype(var.dtype())?)?;
             }
         }
     }

@@ -69,7 +69,7 @@ fn dropout(x: &Tensor, p: f32, rng: &mut Rng) -> Result<Tensor> {
     let mask: Vec<f32> = (0..x.elem_count())
         .map(|_| if rng.next_f64() < f64::from(p) { 0.0 } else { keep })
         .collect();
-    x * Tensor::from_vec(mask, x.shape(), x.device())?
+    x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
 }
 
 pub struct DecoderLayer {
@@ -251,12 +251,13 @@ impl Llama {
                 }
             }
         }
-        let attention_bias = Tensor::from_vec(bias, (batch, 1, seq_len, seq_len), &self.device)?;
+        let dtype = self.embed_tokens.dtype();
+        let attention_bias = Tensor::from_vec(bias, (batch, 1, seq_len, seq_len), &self.device)?.to_dtype(dtype)?;
         Ok(Positions {
             batch,
             seq_len,
-            cos,
-            sin,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
             attention_bias,
         })
     }

@@ -78,7 +78,7 @@ pub fn global_grad_norm(params: &[Var], grads: &GradStore) -> Result<f64> {
     let mut sum = 0f64;
     for var in params {
         if let Some(grad) = grads.get(var) {
-            sum += f64::from(grad.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            sum += grad.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         }
     }
     Ok(sum.sqrt())
