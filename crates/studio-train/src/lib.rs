@@ -1,12 +1,14 @@
 //! The Smart Studio trainer as a library: Llama-family models loaded from GGUF, the model's chat
 //! template, LoRA adapters in PEFT layout, and a supervised training loop with AdamW.
 //!
-//! It knows nothing of HTTP or databases: the worker and the CLI call [`run_lora_sft`] with an
+//! It knows nothing of HTTP or databases: the worker and the CLI call [`run_sft`] with an
 //! observer that receives metrics and events.
 
 pub mod batch;
 pub mod chat;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
 mod error;
 pub mod export;
 mod gguf;
@@ -24,6 +26,8 @@ pub mod tokenizer;
 
 pub use error::TrainError;
 pub use run::{
-    encode_examples, run_lora_sft, EventLevel, LoraSettings, RunOutcome, SftJob, StepMetrics,
-    TrainObserver, TrainSettings,
+    evaluate, run_sft, Approach, ArtifactKind, CheckpointInfo, EventLevel, LoraSettings, RunOutcome,
+    SftJob, StepMetrics, TrainObserver, TrainSettings, TrainSummary, FULL_LEARNING_RATE_RANGE,
+    MAX_CONSECUTIVE_SKIPPED_STEPS,
 };
+pub use schedule::DecayKind;

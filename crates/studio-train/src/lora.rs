@@ -30,7 +30,31 @@ fn parent_module(module: &str) -> Option<&'static str> {
         .map(|(parent, _)| *parent)
 }
 
-/// Checks the settings against the model before anything is allocated.
+/// Module names that `all-linear` stands for: every attention and MLP projection, never the
+/// head or the embeddings (as PEFT's `all-linear` for causal language models).
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// The target modules with `all-linear` expanded, in the model's module order.
+pub fn resolve_targets(target_modules: &[String]) -> Vec<String> {
+    let all = target_modules.iter().any(|m| m == ALL_LINEAR);
+    LINEAR_MODULES
+        .iter()
+        .map(|(_, name)| *name)
+        .filter(|name| all || target_modules.iter().any(|m| m == name))
+        .map(String::from)
+        .collect()
+}
+
+/// The factor applied to `B A x`: `alpha / r`, or `alpha / √r` with rsLoRA.
+pub fn scale(settings: &LoraSettings) -> f64 {
+    if settings.use_rslora {
+        settings.alpha / (settings.r as f64).sqrt()
+    } else {
+        settings.alpha / settings.r as f64
+    }
+}
+
+/// Checks the settings before anything is allocated.
 pub fn validate(settings: &LoraSettings) -> Result<(), TrainError> {
     let invalid = |message: String, param: &str| TrainError::InvalidData {
         message,
@@ -49,10 +73,10 @@ pub fn validate(settings: &LoraSettings) -> Result<(), TrainError> {
         return Err(invalid("target_modules is empty; name at least one linear module".into(), "training_type.target_modules"));
     }
     for module in &settings.target_modules {
-        if parent_module(module).is_none() {
+        if module != ALL_LINEAR && parent_module(module).is_none() {
             let known: Vec<&str> = LINEAR_MODULES.iter().map(|(_, name)| *name).collect();
             return Err(invalid(
-                format!("unknown target module {module:?}; expected some of {}", known.join(", ")),
+                format!("unknown target module {module:?}; expected some of {} or {ALL_LINEAR:?}", known.join(", ")),
                 "training_type.target_modules",
             ));
         }
@@ -68,10 +92,11 @@ pub fn attach(model: &mut Llama, settings: &LoraSettings, rng: &mut Rng) -> Resu
     let config = model.config.clone();
     let device = model.device().clone();
     let dtype = model.embed_tokens.dtype();
-    let scale = settings.alpha / settings.r as f64;
+    let scale = scale(settings);
+    let targets = resolve_targets(&settings.target_modules);
     for layer in &mut model.layers {
         for (_, module) in LINEAR_MODULES {
-            if !settings.target_modules.iter().any(|m| m == module) {
+            if !targets.iter().any(|m| m == module) {
                 continue;
             }
             let (fan_in, fan_out) = config.linear_shape(module).expect("module listed in LINEAR_MODULES");
@@ -145,9 +170,9 @@ pub fn adapter_config(settings: &LoraSettings, base_model: &str) -> serde_json::
         "r": settings.r,
         "lora_alpha": settings.alpha,
         "lora_dropout": settings.dropout,
-        "target_modules": settings.target_modules,
+        "target_modules": resolve_targets(&settings.target_modules),
         "bias": "none",
-        "use_rslora": false,
+        "use_rslora": settings.use_rslora,
         "use_dora": false,
         "fan_in_fan_out": false,
         "init_lora_weights": true,
@@ -186,8 +211,7 @@ pub fn load_adapter_weights(model: &mut Llama, dir: &Path) -> Result<(), TrainEr
 
 /// Number of trainable LoRA parameters for `settings` on a model of `config`.
 pub fn trainable_parameters(config: &LlamaConfig, settings: &LoraSettings) -> usize {
-    let per_layer: usize = settings
-        .target_modules
+    let per_layer: usize = resolve_targets(&settings.target_modules)
         .iter()
         .filter_map(|module| config.linear_shape(module))
         .map(|(fan_in, fan_out)| settings.r * (fan_in + fan_out))

@@ -52,14 +52,27 @@ impl AdamW {
     /// Applies one update with learning rate `lr`. A parameter without a gradient in `grads`
     /// is an error: it means the graph did not reach it.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let grads = self
+            .params
+            .iter()
+            .enumerate()
+            .map(|(index, var)| {
+                grads.get(var).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!("parameter {index} received no gradient"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.step_with(&grads, lr)
+    }
+
+    /// Applies one update from one gradient per parameter, in `params()` order.
+    pub fn step_with(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         let correction1 = 1.0 - beta1.powi(self.step as i32);
         let correction2 = 1.0 - beta2.powi(self.step as i32);
         for (index, var) in self.params.iter().enumerate() {
-            let grad = grads.get(var).ok_or_else(|| {
-                candle_core::Error::Msg(format!("parameter {index} received no gradient"))
-            })?;
+            let grad = &grads[index];
             let m = ((&self.first_moments[index] * beta1)? + (grad * (1.0 - beta1))?)?;
             let v = ((&self.second_moments[index] * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
             let denominator = ((&v / correction2)?.sqrt()? + eps)?;
@@ -73,13 +86,44 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// Steps taken so far; bias correction depends on it.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The first and second moments, in `params()` order.
+    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.first_moments, &self.second_moments)
+    }
+
+    /// Restores the state saved from an optimizer over the same parameters.
+    pub fn restore(&mut self, step: u64, first: Vec<Tensor>, second: Vec<Tensor>) -> Result<()> {
+        if first.len() != self.params.len() || second.len() != self.params.len() {
+            candle_core::bail!(
+                "optimizer state has {} moments for {} parameters",
+                first.len(),
+                self.params.len()
+            );
+        }
+        self.step = step;
+        self.first_moments = first;
+        self.second_moments = second;
+        Ok(())
+    }
+}
+
 /// The L2 norm over all gradients of `params`, as `torch.nn.utils.clip_grad_norm_` reports it.
 pub fn global_grad_norm(params: &[Var], grads: &GradStore) -> Result<f64> {
+    let present: Vec<Tensor> = params.iter().filter_map(|var| grads.get(var).cloned()).collect();
+    grad_norm(&present)
+}
+
+/// The L2 norm over a list of gradients.
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0f64;
-    for var in params {
-        if let Some(grad) = grads.get(var) {
-            sum += grad.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        }
+    for grad in grads {
+        sum += grad.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     }
     Ok(sum.sqrt())
 }

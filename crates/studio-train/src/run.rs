@@ -1,16 +1,23 @@
-use std::path::Path;
+//! The supervised fine-tuning loop, for LoRA and full-parameter training.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor, Var};
 use studio_core::dataset::Conversation;
 
 use crate::batch::{batch_loss, Batch};
-use crate::chat::{ChatEncoder, ChatTemplate, EncodedExample};
-use crate::loader::{load_model, LoadedModel};
+use crate::chat::EncodedExample;
+use crate::checkpoint::{self, TrainerState};
+use crate::data::{encode_examples, hold_out};
+use crate::export::{save_model_folder, FolderMetadata, DEFAULT_MAX_SHARD_BYTES};
+use crate::loader::load_model;
 use crate::lora;
 use crate::model::{ForwardContext, Llama};
-use crate::optim::{global_grad_norm, AdamW, AdamWConfig};
+use crate::optim::{grad_norm, AdamW, AdamWConfig};
 use crate::rng::Rng;
+use crate::schedule::{DecayKind, Schedule};
 use crate::TrainError;
 
 /// LoRA hyperparameters, with PEFT's meaning.
@@ -19,7 +26,10 @@ pub struct LoraSettings {
     pub r: usize,
     pub alpha: f64,
     pub dropout: f64,
+    /// Module names such as `q_proj`, or `all-linear` for every attention and MLP projection.
     pub target_modules: Vec<String>,
+    /// Scale by `alpha / √r` (rsLoRA) instead of `alpha / r`.
+    pub use_rslora: bool,
 }
 
 impl Default for LoraSettings {
@@ -29,20 +39,51 @@ impl Default for LoraSettings {
             alpha: 16.0,
             dropout: 0.0,
             target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+            use_rslora: false,
         }
     }
 }
+
+/// What a run trains.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Approach {
+    /// A frozen base with trained adapter matrices.
+    Lora(LoraSettings),
+    /// Every weight.
+    Full,
+}
+
+/// Full fine-tuning learning rates outside this range get a warning event: below it training
+/// barely moves, above it a small model forgets quickly.
+pub const FULL_LEARNING_RATE_RANGE: (f64, f64) = (1e-5, 5e-5);
 
 /// Optimisation settings of one run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainSettings {
     pub n_epochs: usize,
+    /// Examples per micro-batch; each micro-batch is padded to its own longest row.
     pub batch_size: usize,
+    /// Micro-batches per optimizer step, so a step sees `batch_size × gradient_accumulation_steps`
+    /// examples. The loss is normalised by the target tokens of the whole step.
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate.
     pub learning_rate: f64,
+    pub lr_scheduler: DecayKind,
+    /// Fraction of the steps spent warming up linearly from zero.
+    pub warmup_ratio: f64,
+    /// Decoupled (AdamW) weight decay.
+    pub weight_decay: f64,
+    /// Clips the global gradient norm to this value; 0 disables clipping.
+    pub max_grad_norm: f64,
     /// Longer examples are truncated to this many tokens.
     pub max_seq_len: usize,
-    pub weight_decay: f64,
     pub seed: u64,
+    /// Evaluates the validation set every this many steps; 0 evaluates at epoch ends only.
+    pub eval_interval: u64,
+    /// Writes a checkpoint every this many steps; 0 writes none on an interval.
+    pub checkpoint_interval: u64,
+    /// Writes this many checkpoints spread evenly over the run, the last at the final step.
+    pub n_checkpoints: u64,
 }
 
 impl Default for TrainSettings {
@@ -50,25 +91,40 @@ impl Default for TrainSettings {
         Self {
             n_epochs: 3,
             batch_size: 16,
+            gradient_accumulation_steps: 1,
             learning_rate: 1e-4,
-            max_seq_len: 1024,
+            lr_scheduler: DecayKind::Linear,
+            warmup_ratio: 0.0,
             weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            max_seq_len: 1024,
             seed: 42,
+            eval_interval: 0,
+            checkpoint_interval: 0,
+            n_checkpoints: 0,
         }
     }
 }
 
-/// One supervised LoRA run: the adapter is written to `output_dir` as
-/// `adapter_config.json` and `adapter_model.safetensors`.
+/// One supervised run.
 pub struct SftJob<'a> {
-    /// A GGUF file.
+    /// A GGUF file or a Hugging Face model folder.
     pub model_path: &'a Path,
     /// Written to `base_model_name_or_path` in the adapter config.
     pub base_model_name: &'a str,
     pub examples: &'a [Conversation],
-    pub lora: LoraSettings,
+    /// Without it, a tenth of a large enough training set is held out.
+    pub validation: Option<&'a [Conversation]>,
+    pub approach: Approach,
     pub settings: TrainSettings,
+    /// Receives `adapter/`, `merged/` or `model/` (see [`ArtifactKind`]).
     pub output_dir: &'a Path,
+    /// Receives `step-{n}/` checkpoint folders; `None` writes no checkpoints.
+    pub checkpoint_dir: Option<&'a Path>,
+    /// A checkpoint folder of an earlier run of the same job to continue from.
+    pub resume_from: Option<&'a Path>,
+    /// For LoRA, also writes the base model with the adapter merged in.
+    pub export_merged: bool,
 }
 
 /// Figures of one optimizer step.
@@ -80,7 +136,12 @@ pub struct StepMetrics {
     /// Fractional epoch reached at the end of this step.
     pub epoch: f64,
     pub train_loss: f64,
+    /// Share of target tokens the model predicted by argmax before the update.
+    pub train_mean_token_accuracy: f64,
+    pub valid_loss: Option<f64>,
+    pub valid_mean_token_accuracy: Option<f64>,
     pub learning_rate: f64,
+    /// Before clipping.
     pub grad_norm: f64,
     pub tokens_per_second: f64,
     /// Tokens processed so far, padding excluded.
@@ -94,194 +155,468 @@ pub enum EventLevel {
     Error,
 }
 
+/// A checkpoint folder written during the run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointInfo {
+    pub step: u64,
+    pub dir: PathBuf,
+    pub metrics: StepMetrics,
+}
+
 /// Receives progress from a run. Called on the training thread, so keep each call cheap.
 pub trait TrainObserver {
     fn on_step(&mut self, metrics: &StepMetrics);
     fn on_event(&mut self, level: EventLevel, message: &str);
-    /// Checked between steps; `true` stops the run without writing an adapter.
+    /// Checked between steps; `true` stops the run without writing an artifact.
     fn should_cancel(&mut self) -> bool;
+    /// Called after a checkpoint folder is complete.
+    fn on_checkpoint(&mut self, _checkpoint: &CheckpointInfo) {}
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ArtifactKind {
+    /// A PEFT adapter folder.
+    Adapter,
+    /// The base model with the adapter merged in, as a Hugging Face folder.
+    Merged,
+    /// A fully fine-tuned model, as a Hugging Face folder.
+    Model,
+}
+
+impl ArtifactKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::Adapter => "adapter",
+            ArtifactKind::Merged => "merged",
+            ArtifactKind::Model => "model",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainSummary {
+    pub trained_tokens: u64,
+    pub steps: u64,
+    /// Steps whose loss or gradient was not finite and so applied no update.
+    pub skipped_steps: u64,
+    pub artifacts: Vec<(ArtifactKind, PathBuf)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunOutcome {
-    Succeeded { trained_tokens: u64, steps: u64 },
+    Succeeded(TrainSummary),
     Cancelled { steps: u64 },
 }
 
-/// Trains a LoRA adapter on `job.examples` and writes it to `job.output_dir`.
+/// A run fails after this many non-finite steps in a row.
+pub const MAX_CONSECUTIVE_SKIPPED_STEPS: u64 = 3;
+
+/// Runs supervised fine-tuning and writes the artifacts under `job.output_dir`.
 ///
 /// Runs on the calling thread until done; call it from a blocking thread in async code.
-pub fn run_lora_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
-    lora::validate(&job.lora)?;
+pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
     validate_settings(&job.settings)?;
+    if let Approach::Lora(settings) = &job.approach {
+        lora::validate(settings)?;
+    }
     let device = Device::Cpu;
+    let settings = &job.settings;
 
-    let loaded = load_model(job.model_path, &device)?;
+    let mut loaded = load_model(job.model_path, &device)?;
     observer.on_event(EventLevel::Info, &format!("Loaded base model {}", job.base_model_name));
-    let examples = encode_examples(&loaded, job.examples, job.settings.max_seq_len, observer)?;
+    let examples = encode_examples(&loaded, job.examples, settings.max_seq_len, "training file", observer)?;
+    if examples.is_empty() {
+        return Err(invalid("the training file has no examples", "training_file"));
+    }
+    let (train, valid) = match job.validation {
+        Some(conversations) => {
+            let valid = encode_examples(&loaded, conversations, settings.max_seq_len, "validation file", observer)?;
+            (examples, valid)
+        }
+        None => {
+            let (train, valid) = hold_out(examples, settings.seed);
+            if !valid.is_empty() {
+                observer.on_event(
+                    EventLevel::Info,
+                    &format!("Held out {} of the training examples for validation", valid.len()),
+                );
+            }
+            (train, valid)
+        }
+    };
 
-    let mut rng = Rng::new(job.settings.seed);
+    let mut rng = Rng::new(settings.seed);
     let mut model = Llama::from_weights(&loaded.config, &loaded.weights, &device)?;
-    drop(loaded.weights);
-    lora::attach(&mut model, &job.lora, &mut rng)?;
+    loaded.weights.clear();
+    let vars = trainable_vars(&mut model, &job.approach, &mut rng, observer, settings.learning_rate)?;
     let optimizer_config = AdamWConfig {
-        weight_decay: job.settings.weight_decay,
+        weight_decay: settings.weight_decay,
         ..AdamWConfig::default()
     };
-    let mut optimizer = AdamW::new(model.lora_vars(), optimizer_config)?;
+    let mut optimizer = AdamW::new(vars.iter().map(|(_, var)| var.clone()).collect(), optimizer_config)?;
 
-    let settings = &job.settings;
-    let steps_per_epoch = examples.len().div_ceil(settings.batch_size);
-    let total_steps = (steps_per_epoch * settings.n_epochs) as u64;
-    observer.on_event(
-        EventLevel::Info,
-        &format!(
-            "Training {} examples for {} epochs: {total_steps} steps, {} trainable parameters",
-            examples.len(),
-            settings.n_epochs,
-            lora::trainable_parameters(&model.config, &job.lora),
-        ),
-    );
-
-    let mut step = 0u64;
-    let mut trained_tokens = 0u64;
-    for epoch in 0..settings.n_epochs {
-        let mut order: Vec<usize> = (0..examples.len()).collect();
-        rng.shuffle(&mut order);
-        for (index_in_epoch, chunk) in order.chunks(settings.batch_size).enumerate() {
-            if observer.should_cancel() {
-                observer.on_event(EventLevel::Info, &format!("Cancelled before step {}", step + 1));
-                return Ok(RunOutcome::Cancelled { steps: step });
-            }
-            let started = Instant::now();
-            let rows: Vec<&EncodedExample> = chunk.iter().map(|&i| &examples[i]).collect();
-            let batch = Batch::new(&rows, loaded.special.pad, &device)?;
-
-            let mut ctx = ForwardContext {
-                rng: Some(&mut rng),
-                adapters_enabled: true,
-            };
-            let loss = batch_loss(&model, &batch, &mut ctx)?;
-            let mean_loss = (loss.sum_nll / batch.n_targets as f64)?;
-            let train_loss = f64::from(mean_loss.to_scalar::<f32>()?);
-            let grads = mean_loss.backward()?;
-            let grad_norm = global_grad_norm(optimizer.params(), &grads)?;
-            if !train_loss.is_finite() || !grad_norm.is_finite() {
-                // NOTE: the run stops at the first non-finite value; skipping such steps and
-                // failing only when they repeat is not implemented yet.
-                return Err(TrainError::NonFinite(format!(
-                    "step {} produced loss {train_loss} and gradient norm {grad_norm}; lower the learning rate",
-                    step + 1
-                )));
-            }
-            optimizer.step(&grads, settings.learning_rate)?;
-
-            step += 1;
-            trained_tokens += batch.n_tokens as u64;
-            let seconds = started.elapsed().as_secs_f64();
-            let metrics = StepMetrics {
-                step,
-                total_steps,
-                epoch: epoch as f64 + (index_in_epoch + 1) as f64 / steps_per_epoch as f64,
-                train_loss,
-                learning_rate: settings.learning_rate,
-                grad_norm,
-                tokens_per_second: batch.n_tokens as f64 / seconds.max(1e-9),
-                trained_tokens,
-            };
-            tracing::debug!(step, train_loss, grad_norm, seconds, "optimizer step");
-            observer.on_step(&metrics);
-        }
-    }
-
-    lora::save_adapter(&model, &job.lora, job.base_model_name, job.output_dir)?;
-    observer.on_event(EventLevel::Info, &format!("Saved the adapter after {step} steps"));
-    Ok(RunOutcome::Succeeded { trained_tokens, steps: step })
-}
-
-fn validate_settings(settings: &TrainSettings) -> Result<(), TrainError> {
-    let invalid = |message: String, param: &str| {
-        Err(TrainError::InvalidData {
-            message,
-            param: Some(format!("method.supervised.hyperparameters.{param}")),
-        })
+    let examples_per_step = settings.batch_size * settings.gradient_accumulation_steps;
+    let steps_per_epoch = train.len().div_ceil(examples_per_step) as u64;
+    let total_steps = steps_per_epoch * settings.n_epochs as u64;
+    let schedule = Schedule {
+        peak_lr: settings.learning_rate,
+        warmup_steps: (settings.warmup_ratio * total_steps as f64).ceil() as u64,
+        total_steps,
+        decay: settings.lr_scheduler,
     };
-    if settings.n_epochs == 0 {
-        return invalid("n_epochs must be at least 1".into(), "n_epochs");
-    }
-    if settings.batch_size == 0 {
-        return invalid("batch_size must be at least 1".into(), "batch_size");
-    }
-    if settings.max_seq_len < 2 {
-        return invalid(format!("max_seq_len {} is too short; use at least 2", settings.max_seq_len), "max_seq_len");
-    }
-    if !(settings.learning_rate.is_finite() && settings.learning_rate > 0.0) {
-        return invalid(format!("learning_rate {} must be a positive number", settings.learning_rate), "learning_rate");
-    }
-    Ok(())
-}
+    let checkpoint_steps = planned_checkpoints(total_steps, settings.checkpoint_interval, settings.n_checkpoints);
+    let trainable: usize = vars.iter().map(|(_, var)| var.elem_count()).sum();
 
-/// Renders and tokenizes every conversation, truncates it to `max_seq_len`, and drops (with a
-/// warning event) those left without a target token.
-pub fn encode_examples(
-    loaded: &LoadedModel,
-    conversations: &[Conversation],
-    max_seq_len: usize,
-    observer: &mut dyn TrainObserver,
-) -> Result<Vec<EncodedExample>, TrainError> {
-    let source = loaded.chat_template.as_deref().ok_or_else(|| TrainError::InvalidData {
-        message: "the base model has no chat template, so conversations cannot be rendered".into(),
-        param: Some("model".into()),
-    })?;
-    let template = ChatTemplate::new(source)?;
-    let end_of_turn = loaded
-        .tokenizer
-        .id_to_token(loaded.special.eos)
-        .unwrap_or_default();
-    let encoder = ChatEncoder {
-        template: &template,
-        tokenizer: &loaded.tokenizer,
-        end_of_turn: &end_of_turn,
-    };
-
-    let mut examples = Vec::with_capacity(conversations.len());
-    let mut dropped = Vec::new();
-    for (index, conversation) in conversations.iter().enumerate() {
-        let mut example = encoder.encode(conversation)?;
-        example.truncate(max_seq_len);
-        if example.n_targets() == 0 {
-            dropped.push(index + 1);
-        } else {
-            examples.push(example);
+    let mut progress = Progress::default();
+    if let Some(dir) = job.resume_from {
+        let state = checkpoint::read_state(dir)?;
+        if state.total_steps != total_steps {
+            return Err(invalid(
+                &format!("checkpoint {} plans {} steps but this run plans {total_steps}; resume with the same data and settings", dir.display(), state.total_steps),
+                "checkpoint",
+            ));
         }
-    }
-    if !dropped.is_empty() {
+        checkpoint::restore(dir, weights_file(&job.approach), &vars, &mut optimizer, &state, &device)?;
+        rng = state.rng.clone();
+        progress = Progress::from_state(&state);
+        observer.on_event(EventLevel::Info, &format!("Resumed from the checkpoint at step {}", state.step));
+    } else {
         observer.on_event(
-            EventLevel::Warn,
+            EventLevel::Info,
             &format!(
-                "Dropped {} examples with no assistant token within max_seq_len {max_seq_len} (lines {})",
-                dropped.len(),
-                summarize_lines(&dropped)
+                "Training {} examples for {} epochs: {total_steps} steps, {trainable} trainable parameters",
+                train.len(),
+                settings.n_epochs,
             ),
         );
     }
-    if examples.is_empty() {
-        return Err(TrainError::InvalidData {
-            message: format!(
-                "no example has an assistant token within max_seq_len {max_seq_len}; raise max_seq_len or shorten the prompts"
-            ),
-            param: Some("method.supervised.hyperparameters.max_seq_len".into()),
-        });
+
+    let pad = loaded.special.pad;
+    while progress.epoch < settings.n_epochs {
+        if progress.position == 0 {
+            progress.order = (0..train.len()).collect();
+            rng.shuffle(&mut progress.order);
+        }
+        while progress.position < progress.order.len() {
+            if observer.should_cancel() {
+                observer.on_event(EventLevel::Info, &format!("Cancelled before step {}", progress.step + 1));
+                return Ok(RunOutcome::Cancelled { steps: progress.step });
+            }
+            let started = Instant::now();
+            let end = (progress.position + examples_per_step).min(progress.order.len());
+            let rows: Vec<&EncodedExample> = progress.order[progress.position..end].iter().map(|&i| &train[i]).collect();
+            progress.position = end;
+            progress.step += 1;
+            let step = progress.step;
+
+            let totals = accumulate_gradients(&model, &vars, &rows, settings.batch_size, &mut rng, pad, &device)?;
+            let norm = grad_norm(&totals.grads)?;
+            if !totals.loss.is_finite() || !norm.is_finite() {
+                progress.skipped_steps += 1;
+                progress.consecutive_skipped += 1;
+                observer.on_event(
+                    EventLevel::Warn,
+                    &format!("Skipped step {step}: loss {} and gradient norm {norm} are not both finite", totals.loss),
+                );
+                if progress.consecutive_skipped >= MAX_CONSECUTIVE_SKIPPED_STEPS {
+                    return Err(TrainError::NonFinite(format!(
+                        "{} steps in a row up to step {step} produced a non-finite loss or gradient; lower the learning rate",
+                        progress.consecutive_skipped
+                    )));
+                }
+                continue;
+            }
+            progress.consecutive_skipped = 0;
+
+            let grads = clip(totals.grads, norm, settings.max_grad_norm)?;
+            let learning_rate = schedule.learning_rate(step);
+            optimizer.step_with(&grads, learning_rate)?;
+            progress.trained_tokens += totals.n_tokens as u64;
+
+            let epoch_done = progress.position >= progress.order.len();
+            let mut metrics = StepMetrics {
+                step,
+                total_steps,
+                epoch: progress.epoch as f64 + progress.position as f64 / progress.order.len() as f64,
+                train_loss: totals.loss,
+                train_mean_token_accuracy: totals.n_correct as f64 / totals.n_targets.max(1) as f64,
+                valid_loss: None,
+                valid_mean_token_accuracy: None,
+                learning_rate,
+                grad_norm: norm,
+                tokens_per_second: totals.n_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                trained_tokens: progress.trained_tokens,
+            };
+            let eval_due = settings.eval_interval > 0 && step % settings.eval_interval == 0;
+            if !valid.is_empty() && (eval_due || epoch_done) {
+                let (loss, accuracy) = evaluate(&model, &valid, settings.batch_size, pad, &device)?;
+                metrics.valid_loss = Some(loss);
+                metrics.valid_mean_token_accuracy = Some(accuracy);
+            }
+            tracing::debug!(step, train_loss = metrics.train_loss, learning_rate, grad_norm = norm, "optimizer step");
+            observer.on_step(&metrics);
+
+            if epoch_done {
+                progress.epoch += 1;
+                progress.position = 0;
+            }
+            if let (Some(dir), true) = (job.checkpoint_dir, checkpoint_steps.contains(&step)) {
+                let state = progress.state(&rng, schedule, &vars, &job.approach, optimizer.step_count());
+                let path = write_checkpoint(dir, job, &model, &vars, &optimizer, &state)?;
+                observer.on_checkpoint(&CheckpointInfo { step, dir: path, metrics: metrics.clone() });
+            }
+            if epoch_done {
+                break;
+            }
+        }
+        // A skipped last step of an epoch leaves the loop without the advance above.
+        if progress.position > 0 && progress.position >= progress.order.len() {
+            progress.epoch += 1;
+            progress.position = 0;
+        }
     }
-    Ok(examples)
+
+    let metadata = FolderMetadata {
+        tokenizer: &loaded.tokenizer,
+        chat_template: loaded.chat_template.as_deref(),
+        special: loaded.special,
+    };
+    let artifacts = write_artifacts(job, &model, &metadata)?;
+    observer.on_event(EventLevel::Info, &format!("Saved the result after {} steps", progress.step));
+    Ok(RunOutcome::Succeeded(TrainSummary {
+        trained_tokens: progress.trained_tokens,
+        steps: progress.step,
+        skipped_steps: progress.skipped_steps,
+        artifacts,
+    }))
 }
 
-fn summarize_lines(lines: &[usize]) -> String {
-    let shown: Vec<String> = lines.iter().take(10).map(usize::to_string).collect();
-    let more = lines.len().saturating_sub(10);
-    if more > 0 {
-        format!("{} and {more} more", shown.join(", "))
-    } else {
-        shown.join(", ")
+/// Where the loop stands; what a checkpoint stores besides tensors.
+#[derive(Default)]
+struct Progress {
+    step: u64,
+    epoch: usize,
+    position: usize,
+    order: Vec<usize>,
+    trained_tokens: u64,
+    skipped_steps: u64,
+    consecutive_skipped: u64,
+}
+
+impl Progress {
+    fn from_state(state: &TrainerState) -> Self {
+        Self {
+            step: state.step,
+            epoch: state.epoch,
+            position: state.position,
+            order: state.epoch_order.clone(),
+            trained_tokens: state.trained_tokens,
+            skipped_steps: state.skipped_steps,
+            consecutive_skipped: 0,
+        }
     }
+
+    fn state(&self, rng: &Rng, schedule: Schedule, vars: &[(String, Var)], approach: &Approach, optimizer_steps: u64) -> TrainerState {
+        TrainerState {
+            step: self.step,
+            total_steps: schedule.total_steps,
+            epoch: self.epoch,
+            position: self.position,
+            epoch_order: if self.position == 0 { Vec::new() } else { self.order.clone() },
+            rng: rng.clone(),
+            schedule,
+            trained_tokens: self.trained_tokens,
+            skipped_steps: self.skipped_steps,
+            optimizer_steps,
+            parameters: vars.iter().map(|(name, _)| name.clone()).collect(),
+            approach: match approach {
+                Approach::Lora(_) => "lora".into(),
+                Approach::Full => "full".into(),
+            },
+        }
+    }
+}
+
+fn invalid(message: &str, param: &str) -> TrainError {
+    TrainError::InvalidData {
+        message: message.to_string(),
+        param: Some(param.to_string()),
+    }
+}
+
+fn validate_settings(settings: &TrainSettings) -> Result<(), TrainError> {
+    let param = |name: &str| format!("method.supervised.hyperparameters.{name}");
+    let check = |ok: bool, message: String, name: &str| if ok { Ok(()) } else { Err(invalid(&message, &param(name))) };
+    check(settings.n_epochs >= 1, "n_epochs must be at least 1".into(), "n_epochs")?;
+    check(settings.batch_size >= 1, "batch_size must be at least 1".into(), "batch_size")?;
+    check(settings.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be at least 1".into(), "gradient_accumulation_steps")?;
+    check(settings.max_seq_len >= 2, format!("max_seq_len {} is too short; use at least 2", settings.max_seq_len), "max_seq_len")?;
+    check(
+        settings.learning_rate.is_finite() && settings.learning_rate > 0.0,
+        format!("learning_rate {} must be a positive number", settings.learning_rate),
+        "learning_rate",
+    )?;
+    check((0.0..1.0).contains(&settings.warmup_ratio), format!("warmup_ratio {} is outside [0, 1)", settings.warmup_ratio), "warmup_ratio")?;
+    check(settings.weight_decay >= 0.0, format!("weight_decay {} must not be negative", settings.weight_decay), "weight_decay")?;
+    check(settings.max_grad_norm >= 0.0, format!("max_grad_norm {} must not be negative", settings.max_grad_norm), "max_grad_norm")
+}
+
+/// Attaches adapters or unfreezes every weight, and returns the trained variables by name.
+fn trainable_vars(model: &mut Llama, approach: &Approach, rng: &mut Rng, observer: &mut dyn TrainObserver, learning_rate: f64) -> Result<Vec<(String, Var)>, TrainError> {
+    match approach {
+        Approach::Lora(settings) => {
+            lora::attach(model, settings, rng)?;
+            Ok(lora::adapter_vars(model))
+        }
+        Approach::Full => {
+            let (low, high) = FULL_LEARNING_RATE_RANGE;
+            if !(low..=high).contains(&learning_rate) {
+                observer.on_event(
+                    EventLevel::Warn,
+                    &format!("learning_rate {learning_rate:e} is outside {low:e}..{high:e}, the usual range for full fine-tuning"),
+                );
+            }
+            Ok(model.make_all_trainable()?)
+        }
+    }
+}
+
+/// Steps (1-based) after which a checkpoint is written.
+fn planned_checkpoints(total_steps: u64, interval: u64, count: u64) -> BTreeSet<u64> {
+    let mut steps = BTreeSet::new();
+    if interval > 0 {
+        steps.extend((1..=total_steps / interval).map(|k| k * interval));
+    }
+    for k in 1..=count.min(total_steps) {
+        steps.insert((total_steps * k).div_ceil(count));
+    }
+    steps
+}
+
+struct StepTotals {
+    /// Mean loss over the step's target tokens.
+    loss: f64,
+    n_correct: usize,
+    n_targets: usize,
+    n_tokens: usize,
+    /// One per trained variable, for the whole step.
+    grads: Vec<Tensor>,
+}
+
+/// Runs the step's micro-batches and sums their gradients. Each micro-batch's summed loss is
+/// divided by the target tokens of the whole step, so splitting a step into more micro-batches
+/// leaves its gradient unchanged.
+fn accumulate_gradients(
+    model: &Llama,
+    vars: &[(String, Var)],
+    rows: &[&EncodedExample],
+    batch_size: usize,
+    rng: &mut Rng,
+    pad: u32,
+    device: &Device,
+) -> Result<StepTotals, TrainError> {
+    let batches = rows
+        .chunks(batch_size)
+        .map(|chunk| Batch::new(chunk, pad, device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
+    let mut totals = StepTotals {
+        loss: 0.0,
+        n_correct: 0,
+        n_targets,
+        n_tokens: batches.iter().map(|b| b.n_tokens).sum(),
+        grads: Vec::new(),
+    };
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for batch in &batches {
+        let mut ctx = ForwardContext {
+            rng: Some(&mut *rng),
+            adapters_enabled: true,
+        };
+        let loss = batch_loss(model, batch, &mut ctx)?;
+        let scaled = (loss.sum_nll / n_targets as f64)?;
+        totals.loss += scaled.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        totals.n_correct += loss.n_correct;
+        let store = scaled.backward()?;
+        for (slot, (_, var)) in grads.iter_mut().zip(vars) {
+            if let Some(grad) = store.get(var) {
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + grad)?,
+                    None => grad.clone(),
+                });
+            }
+        }
+    }
+    totals.grads = grads
+        .into_iter()
+        .zip(vars)
+        .map(|(grad, (name, _))| {
+            grad.ok_or_else(|| TrainError::Candle(candle_core::Error::Msg(format!("{name} received no gradient"))))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(totals)
+}
+
+/// Scales gradients so their global norm is at most `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_` does (including its 1e-6 guard).
+fn clip(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>, TrainError> {
+    if max_norm <= 0.0 || norm <= max_norm {
+        return Ok(grads);
+    }
+    let factor = max_norm / (norm + 1e-6);
+    Ok(grads.into_iter().map(|g| g * factor).collect::<candle_core::Result<_>>()?)
+}
+
+/// Mean loss and token accuracy over every target token of `examples`, without dropout.
+pub fn evaluate(model: &Llama, examples: &[EncodedExample], batch_size: usize, pad: u32, device: &Device) -> Result<(f64, f64), TrainError> {
+    let (mut sum_nll, mut n_correct, mut n_targets) = (0f64, 0usize, 0usize);
+    let rows: Vec<&EncodedExample> = examples.iter().collect();
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let batch = Batch::new(chunk, pad, device)?;
+        let loss = batch_loss(model, &batch, &mut ForwardContext::eval())?;
+        sum_nll += loss.sum_nll.detach().to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        n_correct += loss.n_correct;
+        n_targets += batch.n_targets;
+    }
+    let n_targets = n_targets.max(1) as f64;
+    Ok((sum_nll / n_targets, n_correct as f64 / n_targets))
+}
+
+fn weights_file(approach: &Approach) -> &'static str {
+    match approach {
+        Approach::Lora(_) => lora::ADAPTER_WEIGHTS,
+        Approach::Full => checkpoint::FULL_WEIGHTS,
+    }
+}
+
+fn write_checkpoint(dir: &Path, job: &SftJob<'_>, model: &Llama, vars: &[(String, Var)], optimizer: &AdamW, state: &TrainerState) -> Result<PathBuf, TrainError> {
+    std::fs::create_dir_all(dir)?;
+    let staging = checkpoint::staging(dir, state.step)?;
+    match &job.approach {
+        Approach::Lora(settings) => lora::save_adapter(model, settings, job.base_model_name, &staging)?,
+        Approach::Full => checkpoint::write_full_weights(&staging, vars)?,
+    }
+    checkpoint::finish(&staging, dir, optimizer, state)
+}
+
+fn write_artifacts(job: &SftJob<'_>, model: &Llama, metadata: &FolderMetadata<'_>) -> Result<Vec<(ArtifactKind, PathBuf)>, TrainError> {
+    let mut artifacts = Vec::new();
+    match &job.approach {
+        Approach::Lora(settings) => {
+            let dir = job.output_dir.join(ArtifactKind::Adapter.as_str());
+            lora::save_adapter(model, settings, job.base_model_name, &dir)?;
+            artifacts.push((ArtifactKind::Adapter, dir));
+            if job.export_merged {
+                let dir = job.output_dir.join(ArtifactKind::Merged.as_str());
+                save_model_folder(model, metadata, true, DEFAULT_MAX_SHARD_BYTES, &dir)?;
+                artifacts.push((ArtifactKind::Merged, dir));
+            }
+        }
+        Approach::Full => {
+            let dir = job.output_dir.join(ArtifactKind::Model.as_str());
+            save_model_folder(model, metadata, false, DEFAULT_MAX_SHARD_BYTES, &dir)?;
+            artifacts.push((ArtifactKind::Model, dir));
+        }
+    }
+    Ok(artifacts)
 }

@@ -57,6 +57,36 @@ pub fn tiny_weights(config: &LlamaConfig, seed: u64, dtype: DType) -> Result<Has
     Ok(weights)
 }
 
+/// The chat template of SmolLM2, used by tiny test models.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Writes a tiny random model as a complete Hugging Face folder: f32 weights, a byte-level
+/// tokenizer with no merges (every byte is a token, then `<|im_start|>` and `<|im_end|>`), and
+/// a ChatML template, so the whole training loop runs on it in milliseconds.
+pub fn write_tiny_model_folder(dir: &std::path::Path, model_type: &str, seed: u64) -> Result<()> {
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort_unstable();
+    let mut tokens: Vec<String> = alphabet.iter().map(char::to_string).collect();
+    let special = vec!["<|im_start|>".to_string(), "<|im_end|>".to_string()];
+    tokens.extend(special.iter().cloned());
+    let tokenizer = crate::tokenizer::byte_level_bpe(&tokens, &[], &special, false).map_err(candle_core::Error::Msg)?;
+
+    let config = LlamaConfig {
+        vocab_size: tokens.len(),
+        ..tiny_config(model_type)
+    };
+    let weights = tiny_weights(&config, seed, DType::F32)?;
+    let model = crate::model::Llama::from_weights(&config, &weights, &Device::Cpu)?;
+    let eos = tokens.len() as u32 - 1;
+    let metadata = crate::export::FolderMetadata {
+        tokenizer: &tokenizer,
+        chat_template: Some(CHATML_TEMPLATE),
+        special: crate::loader::SpecialTokens { bos: Some(eos - 1), eos, pad: eos },
+    };
+    crate::export::save_model_folder(&model, &metadata, false, crate::export::DEFAULT_MAX_SHARD_BYTES, dir)
+        .map_err(|err| candle_core::Error::Msg(err.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,5 +212,184 @@ mod tests {
             // The folder stores f32, so the f64 model's loss survives to f32 precision.
             assert!((before - after).abs() < 1e-5, "{model_type}: loss {before} became {after}");
         }
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    use std::path::Path;
+
+    use studio_core::dataset::{Conversation, Message, Role};
+
+    use super::write_tiny_model_folder;
+    use crate::{run_sft, Approach, ArtifactKind, CheckpointInfo, EventLevel, LoraSettings, RunOutcome, SftJob, StepMetrics, TrainObserver, TrainSettings};
+
+    #[derive(Default)]
+    struct Recorder {
+        steps: Vec<StepMetrics>,
+        checkpoints: Vec<CheckpointInfo>,
+        events: Vec<String>,
+        /// Stop the run once this many steps are done.
+        stop_after: Option<u64>,
+    }
+
+    impl TrainObserver for Recorder {
+        fn on_step(&mut self, metrics: &StepMetrics) {
+            self.steps.push(metrics.clone());
+        }
+        fn on_event(&mut self, _level: EventLevel, message: &str) {
+            self.events.push(message.to_string());
+        }
+        fn should_cancel(&mut self) -> bool {
+            self.stop_after.is_some_and(|n| self.steps.len() as u64 >= n)
+        }
+        fn on_checkpoint(&mut self, checkpoint: &CheckpointInfo) {
+            self.checkpoints.push(checkpoint.clone());
+        }
+    }
+
+    fn conversations(count: usize) -> Vec<Conversation> {
+        (0..count)
+            .map(|i| Conversation {
+                messages: vec![
+                    Message { role: Role::User, content: format!("question {i}?"), weight: None },
+                    Message { role: Role::Assistant, content: format!("answer {} {}", i * 7 % 5, "ok".repeat(i % 3 + 1)), weight: None },
+                ],
+            })
+            .collect()
+    }
+
+    fn settings() -> TrainSettings {
+        TrainSettings {
+            n_epochs: 2,
+            batch_size: 4,
+            learning_rate: 1e-2,
+            warmup_ratio: 0.2,
+            max_seq_len: 160,
+            seed: 5,
+            ..TrainSettings::default()
+        }
+    }
+
+    fn lora_with_dropout() -> Approach {
+        Approach::Lora(LoraSettings { dropout: 0.1, ..LoraSettings::default() })
+    }
+
+    struct Run {
+        recorder: Recorder,
+        outcome: RunOutcome,
+    }
+
+    fn run(model: &Path, out: &Path, approach: Approach, settings: TrainSettings, resume: Option<&Path>, stop_after: Option<u64>) -> Run {
+        let examples = conversations(12);
+        let job = SftJob {
+            model_path: model,
+            base_model_name: "tiny",
+            examples: &examples,
+            validation: Some(&examples[..3]),
+            approach,
+            settings,
+            output_dir: &out.join("output"),
+            checkpoint_dir: Some(&out.join("checkpoints")),
+            resume_from: resume,
+            export_merged: false,
+        };
+        let mut recorder = Recorder { stop_after, ..Recorder::default() };
+        let outcome = run_sft(&job, &mut recorder).unwrap();
+        Run { recorder, outcome }
+    }
+
+    fn artifact(outcome: &RunOutcome, kind: ArtifactKind, file: &str) -> Vec<(String, Vec<f32>)> {
+        let RunOutcome::Succeeded(summary) = outcome else { panic!("run did not succeed: {outcome:?}") };
+        let dir = &summary.artifacts.iter().find(|(k, _)| *k == kind).expect("artifact written").1;
+        let tensors = candle_core::safetensors::load(dir.join(file), &candle_core::Device::Cpu).unwrap();
+        let mut values: Vec<(String, Vec<f32>)> = tensors
+            .into_iter()
+            .map(|(name, t)| (name, t.flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        values
+    }
+
+    fn assert_same_tensors(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) {
+        assert_eq!(a.len(), b.len());
+        for ((name, x), (_, y)) in a.iter().zip(b) {
+            let max = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(max <= 1e-5, "{name} differs by {max}");
+        }
+    }
+
+    #[test]
+    fn resume_matches_uninterrupted_run() {
+        let root = tempfile::tempdir().unwrap();
+        let model = root.path().join("tiny");
+        write_tiny_model_folder(&model, "mistral", 1).unwrap();
+        for (approach, file) in [(lora_with_dropout(), "adapter_model.safetensors"), (Approach::Full, "model.safetensors")] {
+            let kind = if file == "model.safetensors" { ArtifactKind::Model } else { ArtifactKind::Adapter };
+            let settings = TrainSettings { checkpoint_interval: 2, ..settings() };
+
+            let whole = run(&model, &root.path().join("whole"), approach.clone(), settings.clone(), None, None);
+            let cut = run(&model, &root.path().join("cut"), approach.clone(), settings.clone(), None, Some(3));
+            assert!(matches!(cut.outcome, RunOutcome::Cancelled { steps: 3 }), "{:?}", cut.outcome);
+            let checkpoint = &cut.recorder.checkpoints.last().expect("a checkpoint before the cut").dir;
+            assert!(checkpoint.ends_with("step-2"), "{}", checkpoint.display());
+
+            let resumed = run(&model, &root.path().join("cut"), approach.clone(), settings.clone(), Some(checkpoint), None);
+            let tail = &whole.recorder.steps[2..];
+            assert_eq!(resumed.recorder.steps.len(), tail.len(), "steps after the checkpoint");
+            for (a, b) in tail.iter().zip(&resumed.recorder.steps) {
+                assert_eq!(a.step, b.step);
+                assert!((a.train_loss - b.train_loss).abs() < 1e-5, "step {}: loss {} vs {}", a.step, a.train_loss, b.train_loss);
+                assert!((a.grad_norm - b.grad_norm).abs() < 1e-5 * a.grad_norm.max(1.0), "step {} gradient norm", a.step);
+                assert_eq!(a.valid_loss.is_some(), b.valid_loss.is_some(), "step {} evaluation", a.step);
+            }
+            assert_same_tensors(&artifact(&whole.outcome, kind, file), &artifact(&resumed.outcome, kind, file));
+        }
+    }
+
+    #[test]
+    fn accumulation_matches_one_big_batch() {
+        let root = tempfile::tempdir().unwrap();
+        let model = root.path().join("tiny");
+        write_tiny_model_folder(&model, "llama", 2).unwrap();
+        let approach = Approach::Lora(LoraSettings::default());
+        let big = TrainSettings { batch_size: 4, gradient_accumulation_steps: 1, ..settings() };
+        let split = TrainSettings { batch_size: 1, gradient_accumulation_steps: 4, ..settings() };
+
+        let a = run(&model, &root.path().join("big"), approach.clone(), big, None, None);
+        let b = run(&model, &root.path().join("split"), approach, split, None, None);
+        assert_eq!(a.recorder.steps.len(), b.recorder.steps.len());
+        for (x, y) in a.recorder.steps.iter().zip(&b.recorder.steps) {
+            assert!((x.train_loss - y.train_loss).abs() < 1e-5, "step {}: loss {} vs {}", x.step, x.train_loss, y.train_loss);
+            assert!((x.grad_norm - y.grad_norm).abs() < 1e-5 * x.grad_norm.max(1.0), "step {}: gradient norm {} vs {}", x.step, x.grad_norm, y.grad_norm);
+        }
+        assert_same_tensors(
+            &artifact(&a.outcome, ArtifactKind::Adapter, "adapter_model.safetensors"),
+            &artifact(&b.outcome, ArtifactKind::Adapter, "adapter_model.safetensors"),
+        );
+    }
+
+    #[test]
+    fn evaluation_and_checkpoints_follow_settings() {
+        let root = tempfile::tempdir().unwrap();
+        let model = root.path().join("tiny");
+        write_tiny_model_folder(&model, "qwen2", 3).unwrap();
+        let settings = TrainSettings { eval_interval: 2, n_checkpoints: 2, ..settings() };
+        let result = run(&model, root.path(), Approach::Lora(LoraSettings::default()), settings, None, None);
+
+        // 12 examples, 4 a step: 3 steps an epoch, 6 in all.
+        let evaluated: Vec<u64> = result.recorder.steps.iter().filter(|m| m.valid_loss.is_some()).map(|m| m.step).collect();
+        assert_eq!(evaluated, vec![2, 3, 4, 6], "every second step and at each epoch end");
+        let checkpoints: Vec<u64> = result.recorder.checkpoints.iter().map(|c| c.step).collect();
+        assert_eq!(checkpoints, vec![3, 6]);
+        let rates: Vec<f64> = result.recorder.steps.iter().map(|m| m.learning_rate).collect();
+        // Two warmup steps (20% of 6, rounded up), then linear decay towards zero.
+        let expected = [0.0, 5e-3, 1e-2, 7.5e-3, 5e-3, 2.5e-3];
+        for (rate, expected) in rates.iter().zip(expected) {
+            assert!((rate - expected).abs() < 1e-12, "learning rates {rates:?}");
+        }
+        let first = result.recorder.steps.first().unwrap().train_loss;
+        let last = result.recorder.steps.last().unwrap().train_loss;
+        assert!(last < first, "loss should fall on repeated data: {first} -> {last}");
     }
 }

@@ -8,7 +8,7 @@ use studio_core::dataset::{parse_dataset, Conversation};
 use studio_core::JobSpec;
 use studio_store::keys::{file_key, final_adapter_key, ADAPTER_FILES};
 use studio_store::{EventLevel, JobError, JobRecord, NewEvent, Services, StoreError};
-use studio_train::{LoraSettings, RunOutcome, SftJob, TrainError, TrainSettings};
+use studio_train::{Approach, LoraSettings, RunOutcome, SftJob, TrainError, TrainSettings};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -119,7 +119,8 @@ impl JobRun<'_> {
     }
 
     async fn train(&self, prepared: Prepared, scratch: &Path, flags: Arc<StopFlags>) -> Ended {
-        let output_dir = scratch.join("adapter");
+        // The trainer writes `adapter/` under this folder.
+        let output_dir = scratch.to_path_buf();
         if let Err(err) = tokio::fs::create_dir_all(&output_dir).await {
             return Ended::Failed(internal_error(format!(
                 "cannot create the scratch folder: {err}"
@@ -147,9 +148,9 @@ impl JobRun<'_> {
         // The observer was dropped with the blocking task, so the writer drains and ends.
         let _ = writer.await;
         match outcome {
-            Ok(Ok(RunOutcome::Succeeded { trained_tokens, .. })) => {
-                Ended::Trained { trained_tokens }
-            }
+            Ok(Ok(RunOutcome::Succeeded(summary))) => Ended::Trained {
+                trained_tokens: summary.trained_tokens,
+            },
             Ok(Ok(RunOutcome::Cancelled { .. })) => Ended::Stopped,
             Ok(Err(err)) => Ended::Failed(train_error(&err)),
             Err(join_error) => Ended::Failed(internal_error(format!(
@@ -310,12 +311,14 @@ fn run_trainer(
         model_path: &prepared.model_path,
         base_model_name: &spec.model,
         examples: &prepared.examples,
-        lora: LoraSettings {
+        validation: None,
+        approach: Approach::Lora(LoraSettings {
             r: lora.r as usize,
             alpha: lora.alpha,
             dropout: lora.dropout,
             target_modules: lora.target_modules.clone(),
-        },
+            use_rslora: false,
+        }),
         settings: TrainSettings {
             n_epochs: hyperparameters.n_epochs as usize,
             batch_size: hyperparameters.batch_size as usize,
@@ -323,10 +326,14 @@ fn run_trainer(
             max_seq_len: hyperparameters.max_seq_len as usize,
             weight_decay: hyperparameters.weight_decay,
             seed: spec.seed,
+            ..TrainSettings::default()
         },
         output_dir,
+        checkpoint_dir: None,
+        resume_from: None,
+        export_merged: false,
     };
-    trainer.run_lora_sft(&job, &mut observer)
+    trainer.run_sft(&job, &mut observer)
 }
 
 fn train_error(err: &TrainError) -> JobError {

@@ -11,7 +11,7 @@ use studio_store::keys::{file_key, final_adapter_key};
 use studio_store::{
     ArtifactStore, ModelCatalog, NewFile, NewJob, PageRequest, PgStore, Services, SystemClock,
 };
-use studio_train::{RunOutcome, SftJob, StepMetrics, TrainError, TrainObserver};
+use studio_train::{ArtifactKind, RunOutcome, SftJob, StepMetrics, TrainError, TrainObserver, TrainSummary};
 use studio_worker::{Trainer, Worker, WorkerSettings};
 use tokio::sync::watch;
 
@@ -42,7 +42,7 @@ const ADAPTER_CONFIG: &[u8] = br#"{"peft_type":"LORA"}"#;
 const ADAPTER_WEIGHTS: &[u8] = b"fake safetensors";
 
 impl Trainer for FakeTrainer {
-    fn run_lora_sft(
+    fn run_sft(
         &self,
         job: &SftJob<'_>,
         observer: &mut dyn TrainObserver,
@@ -61,15 +61,16 @@ impl Trainer for FakeTrainer {
                 for step in 1..=steps {
                     observer.on_step(&metrics(step, steps));
                 }
-                std::fs::write(job.output_dir.join("adapter_config.json"), ADAPTER_CONFIG)?;
-                std::fs::write(
-                    job.output_dir.join("adapter_model.safetensors"),
-                    ADAPTER_WEIGHTS,
-                )?;
-                Ok(RunOutcome::Succeeded {
+                let adapter = job.output_dir.join("adapter");
+                std::fs::create_dir_all(&adapter)?;
+                std::fs::write(adapter.join("adapter_config.json"), ADAPTER_CONFIG)?;
+                std::fs::write(adapter.join("adapter_model.safetensors"), ADAPTER_WEIGHTS)?;
+                Ok(RunOutcome::Succeeded(TrainSummary {
                     trained_tokens: steps * 32,
                     steps,
-                })
+                    skipped_steps: 0,
+                    artifacts: vec![(ArtifactKind::Adapter, adapter)],
+                }))
             }
             Behaviour::Fail => Err(TrainError::InvalidData {
                 message: "every example is longer than max_seq_len 16".into(),
@@ -95,6 +96,9 @@ fn metrics(step: u64, total_steps: u64) -> StepMetrics {
         total_steps,
         epoch: step as f64 / total_steps as f64,
         train_loss: 3.0 / step as f64,
+        train_mean_token_accuracy: 0.5,
+        valid_loss: None,
+        valid_mean_token_accuracy: None,
         learning_rate: 1e-4,
         grad_norm: 0.5,
         tokens_per_second: 1000.0,
