@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 mod error;
+pub mod estimate;
 pub mod export;
 mod gguf;
 pub mod hf;
