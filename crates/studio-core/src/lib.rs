@@ -7,5 +7,5 @@ pub mod spec;
 pub mod status;
 
 pub use ids::{CheckpointId, EventId, FileId, InvalidId, JobId};
-pub use spec::{JobSpec, SpecError, SpecErrorKind};
+pub use spec::{JobSpec, LrScheduler, SpecError, SpecErrorKind, TrainingType};
 pub use status::JobStatus;

@@ -12,6 +12,10 @@ use crate::ids::{FileId, JobId};
 
 /// The default learning rate of LoRA; `learning_rate_multiplier` scales it.
 pub const LORA_DEFAULT_LEARNING_RATE: f64 = 1e-4;
+/// The default learning rate of full fine-tuning; `learning_rate_multiplier` scales it.
+pub const FULL_DEFAULT_LEARNING_RATE: f64 = 2e-5;
+/// PEFT's shorthand for every linear layer of a decoder block.
+pub const ALL_LINEAR: &str = "all-linear";
 /// OpenAI's accepted range of `seed`.
 pub const MAX_SEED: u64 = 2_147_483_647;
 /// The linear layers of a Llama-family decoder block, by their Hugging Face names.
@@ -38,7 +42,7 @@ pub struct SpecError {
 pub enum SpecErrorKind {
     /// A missing, malformed or out-of-range value.
     Invalid,
-    /// A value the API recognises but cannot serve yet (`dpo`, `full`, …).
+    /// A value the API recognises but cannot serve yet (`dpo`, `distillation`).
     Unsupported,
 }
 
@@ -94,9 +98,13 @@ pub struct SupervisedMethod {
 }
 
 /// Resolved supervised hyperparameters: OpenAI's three plus ours.
+///
+/// Fields added after the first release carry serde defaults, so specs stored by older versions
+/// still load.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hyperparameters {
     pub n_epochs: u32,
+    /// Examples per micro-batch; an optimizer step sees `batch_size × gradient_accumulation_steps`.
     pub batch_size: u32,
     /// The multiple of the approach's default learning rate that `learning_rate` is.
     pub learning_rate_multiplier: f64,
@@ -106,6 +114,61 @@ pub struct Hyperparameters {
     pub max_seq_len: u32,
     /// AdamW's decoupled weight decay.
     pub weight_decay: f64,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one_u32")]
+    pub gradient_accumulation_steps: u32,
+    #[serde(default)]
+    pub lr_scheduler: LrScheduler,
+    /// Fraction of the steps spent warming up linearly from zero, in [0, 1).
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// Clips the global gradient norm to this value; 0 disables clipping.
+    #[serde(default = "one_f64")]
+    pub max_grad_norm: f64,
+    /// Evaluates the validation set every this many steps; 0 evaluates at epoch ends only.
+    #[serde(default)]
+    pub eval_interval: u64,
+    /// Writes a checkpoint every this many steps; 0 writes none on an interval.
+    #[serde(default)]
+    pub checkpoint_interval: u64,
+    /// Checkpoints spread evenly over the run, the last at the final step.
+    #[serde(default = "one_u64")]
+    pub n_checkpoints: u64,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+fn one_f64() -> f64 {
+    1.0
+}
+
+/// How the learning rate decays after warm-up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    Cosine,
+    #[default]
+    Linear,
+    Constant,
+}
+
+impl LrScheduler {
+    pub const NAMES: [&'static str; 3] = ["cosine", "linear", "constant"];
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "cosine" => Some(LrScheduler::Cosine),
+            "linear" => Some(LrScheduler::Linear),
+            "constant" => Some(LrScheduler::Constant),
+            _ => None,
+        }
+    }
 }
 
 /// How the weights are trained: the `training_type` extension.
@@ -113,6 +176,18 @@ pub struct Hyperparameters {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TrainingType {
     Lora(LoraConfig),
+    /// Every weight is trained.
+    Full,
+}
+
+impl TrainingType {
+    /// The learning rate that `learning_rate_multiplier` scales.
+    pub fn default_learning_rate(&self) -> f64 {
+        match self {
+            TrainingType::Lora(_) => LORA_DEFAULT_LEARNING_RATE,
+            TrainingType::Full => FULL_DEFAULT_LEARNING_RATE,
+        }
+    }
 }
 
 /// LoRA settings with PEFT's meaning.
@@ -122,7 +197,11 @@ pub struct LoraConfig {
     pub r: u32,
     pub alpha: f64,
     pub dropout: f64,
+    /// Module names such as `q_proj`, or `["all-linear"]` for every linear layer of a block.
     pub target_modules: Vec<String>,
+    /// Scales by `alpha / √r` (rsLoRA) instead of `alpha / r`.
+    #[serde(default)]
+    pub use_rslora: bool,
 }
 
 impl Default for LoraConfig {
@@ -135,6 +214,7 @@ impl Default for LoraConfig {
                 .iter()
                 .map(|m| m.to_string())
                 .collect(),
+            use_rslora: false,
         }
     }
 }
@@ -162,8 +242,8 @@ impl JobSpec {
         let seed = seed(body)?.unwrap_or(fallback_seed % (MAX_SEED + 1));
         let metadata = metadata(body)?;
         reject_integrations(body)?;
-        let method = method(body)?;
         let training_type = training_type(body)?;
+        let method = method(body, training_type.default_learning_rate())?;
 
         Ok(JobSpec {
             model,
@@ -183,9 +263,11 @@ impl JobSpec {
         }
     }
 
-    pub fn lora(&self) -> &LoraConfig {
+    /// Returns the LoRA settings, or `None` for full fine-tuning.
+    pub fn lora(&self) -> Option<&LoraConfig> {
         match &self.training_type {
-            TrainingType::Lora(lora) => lora,
+            TrainingType::Lora(lora) => Some(lora),
+            TrainingType::Full => None,
         }
     }
 
@@ -216,6 +298,13 @@ const HYPERPARAMETER_KEYS: &[&str] = &[
     "learning_rate",
     "max_seq_len",
     "weight_decay",
+    "gradient_accumulation_steps",
+    "lr_scheduler",
+    "warmup_ratio",
+    "max_grad_norm",
+    "eval_interval",
+    "checkpoint_interval",
+    "n_checkpoints",
 ];
 
 fn reject_unknown_keys(
@@ -375,10 +464,10 @@ fn reject_integrations(object: &Map<String, Value>) -> Result<(), SpecError> {
     }
 }
 
-fn method(body: &Map<String, Value>) -> Result<Method, SpecError> {
+fn method(body: &Map<String, Value>, default_lr: f64) -> Result<Method, SpecError> {
     let legacy = present(body, "hyperparameters");
     let Some(method) = present(body, "method") else {
-        let hyperparameters = hyperparameters(legacy, "hyperparameters")?;
+        let hyperparameters = hyperparameters(legacy, "hyperparameters", default_lr)?;
         return Ok(Method::Supervised {
             supervised: SupervisedMethod { hyperparameters },
         });
@@ -447,13 +536,19 @@ fn method(body: &Map<String, Value>) -> Result<Method, SpecError> {
         Some(nested) => (Some(nested), "method.supervised.hyperparameters"),
         None => (legacy, "hyperparameters"),
     };
-    let hyperparameters = hyperparameters(source, at)?;
+    let hyperparameters = hyperparameters(source, at, default_lr)?;
     Ok(Method::Supervised {
         supervised: SupervisedMethod { hyperparameters },
     })
 }
 
-fn hyperparameters(value: Option<&Value>, at: &str) -> Result<Hyperparameters, SpecError> {
+/// Parses the hyperparameters object at `at`; `default_lr` is the approach's default learning
+/// rate, which `learning_rate_multiplier` scales.
+fn hyperparameters(
+    value: Option<&Value>,
+    at: &str,
+    default_lr: f64,
+) -> Result<Hyperparameters, SpecError> {
     let empty = Map::new();
     let object = match value {
         None => &empty,
@@ -471,6 +566,21 @@ fn hyperparameters(value: Option<&Value>, at: &str) -> Result<Hyperparameters, S
     let weight_decay = knobs
         .number("weight_decay", Range::closed(0.0, 1.0))?
         .unwrap_or(0.0);
+    let gradient_accumulation_steps = knobs
+        .integer("gradient_accumulation_steps", 1, 1024)?
+        .unwrap_or(1);
+    let lr_scheduler = knobs.lr_scheduler("lr_scheduler")?.unwrap_or_default();
+    let warmup_ratio = knobs
+        .number("warmup_ratio", Range::closed_open(0.0, 1.0))?
+        .unwrap_or(0.0);
+    let max_grad_norm = knobs
+        .number("max_grad_norm", Range::closed(0.0, 1e6))?
+        .unwrap_or(1.0);
+    let eval_interval = knobs.integer("eval_interval", 0, 1_000_000)?.unwrap_or(0);
+    let checkpoint_interval = knobs
+        .integer("checkpoint_interval", 0, 1_000_000)?
+        .unwrap_or(0);
+    let n_checkpoints = knobs.integer("n_checkpoints", 1, 100)?.unwrap_or(1);
 
     let (learning_rate, learning_rate_multiplier) = match (learning_rate, multiplier) {
         (Some(_), Some(_)) => {
@@ -483,9 +593,9 @@ fn hyperparameters(value: Option<&Value>, at: &str) -> Result<Hyperparameters, S
                 ),
             ))
         }
-        (Some(lr), None) => (lr, lr / LORA_DEFAULT_LEARNING_RATE),
-        (None, Some(m)) => (LORA_DEFAULT_LEARNING_RATE * m, m),
-        (None, None) => (LORA_DEFAULT_LEARNING_RATE, 1.0),
+        (Some(lr), None) => (lr, lr / default_lr),
+        (None, Some(m)) => (default_lr * m, m),
+        (None, None) => (default_lr, 1.0),
     };
 
     Ok(Hyperparameters {
@@ -495,6 +605,13 @@ fn hyperparameters(value: Option<&Value>, at: &str) -> Result<Hyperparameters, S
         learning_rate,
         max_seq_len: max_seq_len as u32,
         weight_decay,
+        gradient_accumulation_steps: gradient_accumulation_steps as u32,
+        lr_scheduler,
+        warmup_ratio,
+        max_grad_norm,
+        eval_interval,
+        checkpoint_interval,
+        n_checkpoints,
     })
 }
 
@@ -517,10 +634,8 @@ fn training_type(body: &Map<String, Value>) -> Result<TrainingType, SpecError> {
         }
         Some(Value::String(t)) if t == "lora" => {}
         Some(Value::String(t)) if t == "full" => {
-            return Err(SpecError::unsupported(
-                "training_type.type",
-                "training_type.type 'full' is not supported yet; use 'lora'",
-            ))
+            reject_unknown_keys(object, "training_type", &["type"])?;
+            return Ok(TrainingType::Full);
         }
         Some(other) => {
             return Err(SpecError::invalid(
@@ -532,7 +647,14 @@ fn training_type(body: &Map<String, Value>) -> Result<TrainingType, SpecError> {
     reject_unknown_keys(
         object,
         "training_type",
-        &["type", "r", "alpha", "dropout", "target_modules"],
+        &[
+            "type",
+            "r",
+            "alpha",
+            "dropout",
+            "target_modules",
+            "use_rslora",
+        ],
     )?;
 
     let defaults = LoraConfig::default();
@@ -548,12 +670,26 @@ fn training_type(body: &Map<String, Value>) -> Result<TrainingType, SpecError> {
         .number("dropout", Range::closed_open(0.0, 1.0))?
         .unwrap_or(defaults.dropout);
     let target_modules = target_modules(object)?.unwrap_or(defaults.target_modules);
+    let use_rslora = use_rslora(object)?;
     Ok(TrainingType::Lora(LoraConfig {
         r,
         alpha,
         dropout,
         target_modules,
+        use_rslora,
     }))
+}
+
+fn use_rslora(object: &Map<String, Value>) -> Result<bool, SpecError> {
+    match present(object, "use_rslora") {
+        None => Ok(false),
+        Some(Value::String(s)) if s == "auto" => Ok(false),
+        Some(Value::Bool(flag)) => Ok(*flag),
+        Some(other) => Err(SpecError::invalid(
+            "training_type.use_rslora",
+            format!("invalid 'training_type.use_rslora' {other}: expected true, false or \"auto\""),
+        )),
+    }
 }
 
 fn target_modules(object: &Map<String, Value>) -> Result<Option<Vec<String>>, SpecError> {
@@ -561,10 +697,11 @@ fn target_modules(object: &Map<String, Value>) -> Result<Option<Vec<String>>, Sp
     let value = match present(object, "target_modules") {
         None => return Ok(None),
         Some(Value::String(s)) if s == "auto" => return Ok(None),
+        Some(Value::String(s)) if s == ALL_LINEAR => return Ok(Some(vec![ALL_LINEAR.to_owned()])),
         Some(value) => value,
     };
     let expected = format!(
-        "'{PARAM}' must be a non-empty list of module names from: {}",
+        "'{PARAM}' must be \"{ALL_LINEAR}\" or a non-empty list of module names from: {}",
         LORA_TARGET_MODULES.join(", ")
     );
     let Value::Array(items) = value else {
@@ -574,6 +711,15 @@ fn target_modules(object: &Map<String, Value>) -> Result<Option<Vec<String>>, Sp
         return Err(SpecError::invalid(PARAM, expected));
     }
     let mut modules: Vec<String> = Vec::with_capacity(items.len());
+    if items.iter().any(|item| item.as_str() == Some(ALL_LINEAR)) {
+        if items.len() > 1 {
+            return Err(SpecError::invalid(
+                PARAM,
+                format!("'{ALL_LINEAR}' already targets every linear layer; list it alone"),
+            ));
+        }
+        return Ok(Some(vec![ALL_LINEAR.to_owned()]));
+    }
     for item in items {
         let name = match item.as_str() {
             Some(name) if LORA_TARGET_MODULES.contains(&name) => name,
@@ -629,6 +775,20 @@ impl Knobs<'_> {
         match value.as_f64() {
             Some(x) if range.contains(x) => Ok(Some(x)),
             _ => Err(self.error(key, value, &format!("a number in {}", range.describe()))),
+        }
+    }
+
+    fn lr_scheduler(&self, key: &str) -> Result<Option<LrScheduler>, SpecError> {
+        let Some(value) = self.value(key) else {
+            return Ok(None);
+        };
+        match value.as_str().and_then(LrScheduler::from_name) {
+            Some(scheduler) => Ok(Some(scheduler)),
+            None => Err(self.error(
+                key,
+                value,
+                &format!("one of {}", LrScheduler::NAMES.join(", ")),
+            )),
         }
     }
 
@@ -738,9 +898,17 @@ mod tests {
         assert_eq!(hp.learning_rate_multiplier, 1.0);
         assert_eq!(hp.max_seq_len, 1024);
         assert_eq!(hp.weight_decay, 0.0);
-        assert_eq!(spec.lora(), &LoraConfig::default());
+        assert_eq!(hp.gradient_accumulation_steps, 1);
+        assert_eq!(hp.lr_scheduler, LrScheduler::Linear);
+        assert_eq!(hp.warmup_ratio, 0.0);
+        assert_eq!(hp.max_grad_norm, 1.0);
+        assert_eq!(hp.eval_interval, 0);
+        assert_eq!(hp.checkpoint_interval, 0);
+        assert_eq!(hp.n_checkpoints, 1);
+        assert_eq!(spec.lora(), Some(&LoraConfig::default()));
+        assert!(!spec.lora().unwrap().use_rslora);
         assert_eq!(
-            spec.lora().target_modules,
+            spec.lora().unwrap().target_modules,
             ["q_proj", "k_proj", "v_proj", "o_proj"]
         );
         assert_eq!(spec.seed, 1234);
@@ -851,10 +1019,185 @@ mod tests {
     }
 
     #[test]
-    fn full_training_is_unsupported() {
-        let err = parse(with(minimal(), "training_type", json!({"type": "full"}))).unwrap_err();
-        assert_eq!(err.kind, SpecErrorKind::Unsupported);
-        assert_eq!(err.param.as_deref(), Some("training_type.type"));
+    fn full_training_defaults_to_its_learning_rate() {
+        let spec = parse(with(minimal(), "training_type", json!({"type": "full"}))).unwrap();
+        assert_eq!(spec.training_type, TrainingType::Full);
+        assert_eq!(spec.lora(), None);
+        assert_eq!(spec.hyperparameters().learning_rate, 2e-5);
+        assert_eq!(spec.hyperparameters().learning_rate_multiplier, 1.0);
+    }
+
+    #[test]
+    fn multiplier_scales_the_approach_default() {
+        let hyperparameters = json!({"learning_rate_multiplier": 2});
+        let full = with(
+            with(minimal(), "training_type", json!({"type": "full"})),
+            "hyperparameters",
+            hyperparameters.clone(),
+        );
+        let lora = with(minimal(), "hyperparameters", hyperparameters);
+        let full_lr = parse(full).unwrap().hyperparameters().learning_rate;
+        let lora_lr = parse(lora).unwrap().hyperparameters().learning_rate;
+        assert!((full_lr - 4e-5).abs() < 1e-15, "{full_lr}");
+        assert!((lora_lr - 2e-4).abs() < 1e-15, "{lora_lr}");
+    }
+
+    #[test]
+    fn full_learning_rate_echoes_multiplier() {
+        let body = with(
+            with(minimal(), "training_type", json!({"type": "full"})),
+            "hyperparameters",
+            json!({"learning_rate": 1e-5}),
+        );
+        let multiplier = parse(body).unwrap().hyperparameters().learning_rate_multiplier;
+        assert!((multiplier - 0.5).abs() < 1e-12, "{multiplier}");
+    }
+
+    #[test]
+    fn full_training_rejects_lora_settings() {
+        let err = parse(with(
+            minimal(),
+            "training_type",
+            json!({"type": "full", "r": 8}),
+        ))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("training_type.r"));
+    }
+
+    #[test]
+    fn extra_hyperparameters_are_read() {
+        let spec = parse(with(
+            minimal(),
+            "hyperparameters",
+            json!({
+                "gradient_accumulation_steps": 4,
+                "lr_scheduler": "cosine",
+                "warmup_ratio": 0.1,
+                "max_grad_norm": 0,
+                "eval_interval": 5,
+                "checkpoint_interval": 10,
+                "n_checkpoints": 3,
+            }),
+        ))
+        .unwrap();
+        let hp = spec.hyperparameters();
+        assert_eq!(hp.gradient_accumulation_steps, 4);
+        assert_eq!(hp.lr_scheduler, LrScheduler::Cosine);
+        assert_eq!(hp.warmup_ratio, 0.1);
+        assert_eq!(hp.max_grad_norm, 0.0);
+        assert_eq!(hp.eval_interval, 5);
+        assert_eq!(hp.checkpoint_interval, 10);
+        assert_eq!(hp.n_checkpoints, 3);
+    }
+
+    #[test]
+    fn extra_hyperparameters_accept_auto() {
+        let keys = [
+            "gradient_accumulation_steps",
+            "lr_scheduler",
+            "warmup_ratio",
+            "max_grad_norm",
+            "eval_interval",
+            "checkpoint_interval",
+            "n_checkpoints",
+        ];
+        let all_auto: Map<String, Value> = keys
+            .iter()
+            .map(|key| (key.to_string(), json!("auto")))
+            .collect();
+        let auto = parse(with(minimal(), "hyperparameters", Value::Object(all_auto))).unwrap();
+        let defaults = parse(minimal()).unwrap();
+        assert_eq!(auto.hyperparameters(), defaults.hyperparameters());
+    }
+
+    #[test]
+    fn extra_hyperparameter_errors_name_the_param() {
+        let cases = [
+            ("gradient_accumulation_steps", json!(0), "from 1 to 1024"),
+            ("lr_scheduler", json!("step"), "one of cosine, linear, constant"),
+            ("lr_scheduler", json!(1), "one of cosine, linear, constant"),
+            ("warmup_ratio", json!(1.0), "[0, 1)"),
+            ("warmup_ratio", json!(-0.1), "[0, 1)"),
+            ("max_grad_norm", json!(-1), "[0, 1000000]"),
+            ("eval_interval", json!(-1), "from 0 to 1000000"),
+            ("checkpoint_interval", json!(1.5), "from 0 to 1000000"),
+            ("n_checkpoints", json!(0), "from 1 to 100"),
+        ];
+        for (key, value, expected) in cases {
+            let body = with(
+                minimal(),
+                "method",
+                json!({"type": "supervised", "supervised": {"hyperparameters": {key: value}}}),
+            );
+            let err = parse(body).unwrap_err();
+            let param = format!("method.supervised.hyperparameters.{key}");
+            assert_eq!(err.param.as_deref(), Some(param.as_str()), "{key}");
+            assert!(err.message.contains(expected), "{key}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn all_linear_targets_are_accepted() {
+        for value in [json!(["all-linear"]), json!("all-linear")] {
+            let spec = parse(with(
+                minimal(),
+                "training_type",
+                json!({"type": "lora", "target_modules": value}),
+            ))
+            .unwrap();
+            assert_eq!(spec.lora().unwrap().target_modules, ["all-linear"]);
+        }
+    }
+
+    #[test]
+    fn all_linear_with_other_targets_is_rejected() {
+        let err = parse(with(
+            minimal(),
+            "training_type",
+            json!({"type": "lora", "target_modules": ["all-linear", "q_proj"]}),
+        ))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("training_type.target_modules"));
+        assert!(err.message.contains("list it alone"), "{}", err.message);
+    }
+
+    #[test]
+    fn use_rslora_is_read_and_checked() {
+        let spec = parse(with(
+            minimal(),
+            "training_type",
+            json!({"type": "lora", "use_rslora": true}),
+        ))
+        .unwrap();
+        assert!(spec.lora().unwrap().use_rslora);
+
+        let err = parse(with(
+            minimal(),
+            "training_type",
+            json!({"type": "lora", "use_rslora": "yes"}),
+        ))
+        .unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("training_type.use_rslora"));
+    }
+
+    #[test]
+    fn spec_stored_before_new_fields_still_loads() {
+        let mut json = serde_json::to_value(parse(minimal()).unwrap()).unwrap();
+        let hp = &mut json["method"]["supervised"]["hyperparameters"];
+        for key in [
+            "gradient_accumulation_steps",
+            "lr_scheduler",
+            "warmup_ratio",
+            "max_grad_norm",
+            "eval_interval",
+            "checkpoint_interval",
+            "n_checkpoints",
+        ] {
+            hp.as_object_mut().unwrap().remove(key);
+        }
+        json["training_type"].as_object_mut().unwrap().remove("use_rslora");
+        let back: JobSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, parse(minimal()).unwrap());
     }
 
     #[test]
@@ -871,10 +1214,11 @@ mod tests {
             json!({"type": "lora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}),
         ))
         .unwrap();
-        assert_eq!(spec.lora().r, 16);
-        assert_eq!(spec.lora().alpha, 32.0);
-        assert_eq!(spec.lora().dropout, 0.05);
-        assert_eq!(spec.lora().target_modules, ["q_proj", "v_proj"]);
+        let lora = spec.lora().unwrap();
+        assert_eq!(lora.r, 16);
+        assert_eq!(lora.alpha, 32.0);
+        assert_eq!(lora.dropout, 0.05);
+        assert_eq!(lora.target_modules, ["q_proj", "v_proj"]);
 
         let err = parse(with(
             minimal(),
@@ -921,6 +1265,15 @@ mod tests {
         let json = serde_json::to_value(&spec).unwrap();
         assert_eq!(json["method"]["type"], "supervised");
         assert_eq!(json["training_type"]["type"], "lora");
+        let back: JobSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn full_spec_round_trips_through_json() {
+        let spec = parse(with(minimal(), "training_type", json!({"type": "full"}))).unwrap();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["training_type"], json!({"type": "full"}));
         let back: JobSpec = serde_json::from_value(json).unwrap();
         assert_eq!(back, spec);
     }
