@@ -100,6 +100,75 @@ impl ArtifactStore {
         }
     }
 
+    /// Lists the artifacts under the folder `prefix` as (name relative to `prefix`, size in
+    /// bytes), sorted by name; a missing folder lists nothing. Partial writes are left out.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let root = self.path_of(prefix)?;
+        let mut found = Vec::new();
+        let mut folders = vec![(root, String::new())];
+        while let Some((folder, relative)) = folders.pop() {
+            let mut entries = match tokio::fs::read_dir(&folder).await {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err.into()),
+            };
+            while let Some(entry) = entries.next_entry().await? {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let name = if relative.is_empty() {
+                    name
+                } else {
+                    format!("{relative}/{name}")
+                };
+                let metadata = entry.metadata().await?;
+                if metadata.is_dir() {
+                    folders.push((entry.path(), name));
+                } else {
+                    found.push((name, metadata.len()));
+                }
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Copies every file under the local folder `source` into `prefix/…`, keeping relative
+    /// names; returns the number of files. Each file appears whole, but a reader listing the
+    /// prefix meanwhile may see only some of them, so register the folder after this returns.
+    pub async fn put_dir(&self, prefix: &str, source: &Path) -> Result<usize, StoreError> {
+        let mut count = 0;
+        let mut folders = vec![(source.to_path_buf(), prefix.to_owned())];
+        while let Some((folder, key_prefix)) = folders.pop() {
+            let mut entries = tokio::fs::read_dir(&folder).await?;
+            while let Some(entry) = entries.next_entry().await? {
+                let key = format!("{key_prefix}/{}", entry.file_name().to_string_lossy());
+                if entry.metadata().await?.is_dir() {
+                    folders.push((entry.path(), key));
+                } else {
+                    self.put_file(&key, &entry.path()).await?;
+                    count += 1;
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// Copies every artifact under `prefix` into the local folder `target`, which is created;
+    /// returns the number of files.
+    pub async fn get_dir(&self, prefix: &str, target: &Path) -> Result<usize, StoreError> {
+        let files = self.list(prefix).await?;
+        for (name, _) in &files {
+            let destination = target.join(name);
+            if let Some(parent) = destination.parent() {
+                tokio::fs::create_dir_all(parent).await?;
+            }
+            tokio::fs::copy(self.path_of(&format!("{prefix}/{name}"))?, &destination).await?;
+        }
+        Ok(files.len())
+    }
+
     /// Maps a key to its path, rejecting keys that could leave the root (`..`, absolute paths).
     fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
         let valid_segment = |segment: &str| {
@@ -198,6 +267,42 @@ mod tests {
             store.open("files/nope").await,
             Err(StoreError::NotFound { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn folder_round_trips_through_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::new(dir.path().join("artifacts"));
+        let source = dir.path().join("source");
+        std::fs::create_dir_all(source.join("nested")).unwrap();
+        std::fs::write(source.join("config.json"), b"{}").unwrap();
+        std::fs::write(source.join("nested/weights.bin"), b"12345").unwrap();
+
+        let uploaded = store.put_dir("jobs/j/final/model", &source).await.unwrap();
+        let listed = store.list("jobs/j/final/model").await.unwrap();
+        let target = dir.path().join("target");
+        let downloaded = store.get_dir("jobs/j/final/model", &target).await.unwrap();
+
+        assert_eq!(uploaded, 2);
+        assert_eq!(
+            listed,
+            [
+                ("config.json".to_owned(), 2),
+                ("nested/weights.bin".to_owned(), 5)
+            ]
+        );
+        assert_eq!(downloaded, 2);
+        assert_eq!(
+            std::fs::read(target.join("nested/weights.bin")).unwrap(),
+            b"12345"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_prefix_lists_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::new(dir.path());
+        assert_eq!(store.list("jobs/none/final/merged").await.unwrap(), []);
     }
 
     #[tokio::test]

@@ -12,5 +12,20 @@ pub fn file_key(id: &FileId) -> String {
 
 /// Returns the key of one file of a job's final adapter.
 pub fn final_adapter_key(job_id: &JobId, file: &str) -> String {
-    format!("jobs/{job_id}/final/adapter/{file}")
+    format!("{}/{file}", final_artifact_prefix(job_id, "adapter"))
+}
+
+/// Returns the prefix of a job's final artifact folder: `adapter`, `merged` or `model`.
+pub fn final_artifact_prefix(job_id: &JobId, artifact: &str) -> String {
+    format!("jobs/{job_id}/final/{artifact}")
+}
+
+/// Returns the prefix of the checkpoint folder written after `step`.
+pub fn checkpoint_prefix(job_id: &JobId, step: u64) -> String {
+    format!("jobs/{job_id}/checkpoints/step-{step}")
+}
+
+/// Returns the key of the CSV of a job's metrics, one row per step.
+pub fn results_csv_key(job_id: &JobId) -> String {
+    format!("jobs/{job_id}/final/results.csv")
 }

@@ -1,4 +1,4 @@
-//! Persistence and the job queue of Smart Studio: files, jobs, events and metrics in a
+//! Persistence and the job queue of Smart Studio: files, jobs, events, metrics and checkpoints in a
 //! database, artifacts in a folder, and the catalog of base models.
 //!
 //! All SQL of the project lives in this crate. Queries are built at run time (`sqlx::query`),
@@ -22,8 +22,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::StoreError;
 pub use postgres::PgStore;
 pub use records::{
-    CancelOutcome, EventLevel, EventRecord, EventType, FileRecord, Heartbeat, JobError, JobRecord,
-    MetricPoint, NewEvent, NewFile, NewJob, Page, PageRequest, RescuedJob,
+    CancelOutcome, CheckpointRecord, EventLevel, EventRecord, EventType, FileRecord, Heartbeat,
+    JobError, JobRecord, MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest,
+    RescuedJob,
 };
 pub use store::Store;
 

@@ -9,11 +9,12 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::Row;
 use studio_core::dataset::DatasetFormat;
-use studio_core::{EventId, FileId, JobId, JobSpec, JobStatus};
+use studio_core::{CheckpointId, EventId, FileId, JobId, JobSpec, JobStatus};
 
 use crate::records::{
-    CancelOutcome, EventLevel, EventRecord, EventType, FileRecord, Heartbeat, JobError, JobRecord,
-    MetricPoint, NewEvent, NewFile, NewJob, Page, PageRequest, RescuedJob,
+    CancelOutcome, CheckpointRecord, EventLevel, EventRecord, EventType, FileRecord, Heartbeat,
+    JobError, JobRecord, MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest,
+    RescuedJob,
 };
 use crate::{Clock, Store, StoreError};
 
@@ -99,6 +100,8 @@ const JOB_COLUMNS: &str = "id, created_at, updated_at, started_at, finished_at, 
      fine_tuned_model, trained_tokens, locked_by, lease_expires_at, attempt, max_attempts, cancel_requested";
 
 const EVENT_COLUMNS: &str = "id, job_id, created_at, level, type, message, data";
+
+const CHECKPOINT_COLUMNS: &str = "id, job_id, created_at, step, metrics, artifact_key";
 
 #[async_trait]
 impl Store for PgStore {
@@ -480,18 +483,23 @@ impl Store for PgStore {
         // steps into the next run's curve.
         let result = sqlx::query(
             "INSERT INTO job_metrics (job_id, step, created_at, epoch, train_loss, valid_loss, learning_rate,
-                                      grad_norm, tokens_per_second, trained_tokens)
+                                      grad_norm, tokens_per_second, trained_tokens,
+                                      train_mean_token_accuracy, valid_mean_token_accuracy)
              SELECT $1, m.step, $3, m.epoch, m.train_loss, m.valid_loss, m.learning_rate, m.grad_norm,
-                    m.tokens_per_second, m.trained_tokens
+                    m.tokens_per_second, m.trained_tokens, m.train_mean_token_accuracy,
+                    m.valid_mean_token_accuracy
              FROM UNNEST($4::BIGINT[], $5::FLOAT8[], $6::FLOAT8[], $7::FLOAT8[], $8::FLOAT8[], $9::FLOAT8[],
-                         $10::FLOAT8[], $11::BIGINT[])
-                  AS m(step, epoch, train_loss, valid_loss, learning_rate, grad_norm, tokens_per_second, trained_tokens)
+                         $10::FLOAT8[], $11::BIGINT[], $12::FLOAT8[], $13::FLOAT8[])
+                  AS m(step, epoch, train_loss, valid_loss, learning_rate, grad_norm, tokens_per_second,
+                       trained_tokens, train_mean_token_accuracy, valid_mean_token_accuracy)
              WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND locked_by = $2 AND status = 'running')
              ON CONFLICT (job_id, step) DO UPDATE SET
                  created_at = EXCLUDED.created_at, epoch = EXCLUDED.epoch, train_loss = EXCLUDED.train_loss,
                  valid_loss = EXCLUDED.valid_loss, learning_rate = EXCLUDED.learning_rate,
                  grad_norm = EXCLUDED.grad_norm, tokens_per_second = EXCLUDED.tokens_per_second,
-                 trained_tokens = EXCLUDED.trained_tokens",
+                 trained_tokens = EXCLUDED.trained_tokens,
+                 train_mean_token_accuracy = EXCLUDED.train_mean_token_accuracy,
+                 valid_mean_token_accuracy = EXCLUDED.valid_mean_token_accuracy",
         )
         .bind(job_id.as_str())
         .bind(worker_id)
@@ -504,6 +512,8 @@ impl Store for PgStore {
         .bind(points.iter().map(|p| p.grad_norm).collect::<Vec<_>>())
         .bind(points.iter().map(|p| p.tokens_per_second).collect::<Vec<_>>())
         .bind(points.iter().map(|p| to_i64(p.trained_tokens)).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.train_mean_token_accuracy).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.valid_mean_token_accuracy).collect::<Vec<_>>())
         .execute(&self.pool)
         .await?;
         if result.rows_affected() == 0 {
@@ -514,13 +524,96 @@ impl Store for PgStore {
 
     async fn list_metrics(&self, job_id: &JobId) -> Result<Vec<MetricPoint>, StoreError> {
         let rows = sqlx::query(
-            "SELECT step, epoch, train_loss, valid_loss, learning_rate, grad_norm, tokens_per_second, trained_tokens
+            "SELECT step, epoch, train_loss, valid_loss, learning_rate, grad_norm, tokens_per_second, trained_tokens,
+                    train_mean_token_accuracy, valid_mean_token_accuracy
              FROM job_metrics WHERE job_id = $1 ORDER BY step",
         )
         .bind(job_id.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(metric_from_row).collect()
+    }
+
+    async fn insert_checkpoint(
+        &self,
+        worker_id: &str,
+        checkpoint: &NewCheckpoint,
+    ) -> Result<CheckpointRecord, StoreError> {
+        // Safe under concurrency: the row is written only while this worker owns the running
+        // job, checked in the same statement, like insert_metrics.
+        let sql = format!(
+            "INSERT INTO checkpoints (id, job_id, step, created_at, metrics, artifact_key)
+             SELECT $1, $2, $4, $5, $6, $7
+             WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND locked_by = $3 AND status = 'running')
+             ON CONFLICT (job_id, step) DO UPDATE SET
+                 created_at = EXCLUDED.created_at, metrics = EXCLUDED.metrics,
+                 artifact_key = EXCLUDED.artifact_key
+             RETURNING {CHECKPOINT_COLUMNS}"
+        );
+        let job_id = &checkpoint.job_id;
+        let row = sqlx::query(&sql)
+            .bind(checkpoint.id.as_str())
+            .bind(job_id.as_str())
+            .bind(worker_id)
+            .bind(to_i64(checkpoint.step))
+            .bind(self.clock.now())
+            .bind(Json(&checkpoint.metrics))
+            .bind(&checkpoint.artifact_key)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => checkpoint_from_row(&row),
+            None => self
+                .owned_update(job_id, worker_id, None)
+                .await
+                .map(|_| unreachable!("owned_update(None) is an error")),
+        }
+    }
+
+    async fn list_checkpoints(
+        &self,
+        job_id: &JobId,
+        page: &PageRequest,
+    ) -> Result<Page<CheckpointRecord>, StoreError> {
+        let before = match page.after.as_deref() {
+            None => i64::MAX,
+            Some(after) => {
+                let id = CheckpointId::parse(after)
+                    .map_err(|_| StoreError::not_found("checkpoint", after))?;
+                to_i64(self.get_checkpoint(job_id, &id).await?.step)
+            }
+        };
+        let sql = format!(
+            "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE job_id = $1 AND step < $2
+             ORDER BY step DESC LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(job_id.as_str())
+            .bind(before)
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        into_page(rows, page.limit, checkpoint_from_row)
+    }
+
+    async fn get_checkpoint(
+        &self,
+        job_id: &JobId,
+        id: &CheckpointId,
+    ) -> Result<CheckpointRecord, StoreError> {
+        let sql =
+            format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id = $1 AND job_id = $2");
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(job_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| checkpoint_from_row(&row)).unwrap_or_else(|| {
+            Err(StoreError::not_found(
+                "checkpoint",
+                format!("{id} of fine-tuning job {job_id}"),
+            ))
+        })
     }
 }
 
@@ -642,5 +735,20 @@ fn metric_from_row(row: &PgRow) -> Result<MetricPoint, StoreError> {
         grad_norm: row.try_get("grad_norm")?,
         tokens_per_second: row.try_get("tokens_per_second")?,
         trained_tokens: to_u64(row.try_get("trained_tokens")?),
+        train_mean_token_accuracy: row.try_get("train_mean_token_accuracy")?,
+        valid_mean_token_accuracy: row.try_get("valid_mean_token_accuracy")?,
+    })
+}
+
+fn checkpoint_from_row(row: &PgRow) -> Result<CheckpointRecord, StoreError> {
+    let id: String = row.try_get("id")?;
+    let Json(metrics): Json<serde_json::Value> = row.try_get("metrics")?;
+    Ok(CheckpointRecord {
+        id: CheckpointId::parse(&id).map_err(|err| corrupt("checkpoint id", err))?,
+        job_id: job_id(row.try_get("job_id")?)?,
+        created_at: row.try_get("created_at")?,
+        step: to_u64(row.try_get("step")?),
+        metrics,
+        artifact_key: row.try_get("artifact_key")?,
     })
 }

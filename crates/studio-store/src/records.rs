@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use studio_core::dataset::DatasetFormat;
-use studio_core::{EventId, FileId, JobId, JobSpec, JobStatus};
+use studio_core::{CheckpointId, EventId, FileId, JobId, JobSpec, JobStatus};
 
 /// A file to register after its content is stored and validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -168,12 +168,39 @@ pub struct MetricPoint {
     pub step: u64,
     pub epoch: f64,
     pub train_loss: f64,
+    /// Share of target tokens predicted by argmax; `None` in rows written before it was recorded.
+    pub train_mean_token_accuracy: Option<f64>,
+    /// `None` at steps without an evaluation.
     pub valid_loss: Option<f64>,
+    pub valid_mean_token_accuracy: Option<f64>,
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub tokens_per_second: f64,
     /// Tokens trained so far, padding excluded.
     pub trained_tokens: u64,
+}
+
+/// A checkpoint folder uploaded under `artifact_key`, to register.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewCheckpoint {
+    pub id: CheckpointId,
+    pub job_id: JobId,
+    /// The optimizer step after which it was written, 1-based.
+    pub step: u64,
+    /// OpenAI's checkpoint `metrics` object.
+    pub metrics: serde_json::Value,
+    /// The artifact prefix of the folder, such as `jobs/{job_id}/checkpoints/step-{n}`.
+    pub artifact_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointRecord {
+    pub id: CheckpointId,
+    pub job_id: JobId,
+    pub created_at: DateTime<Utc>,
+    pub step: u64,
+    pub metrics: serde_json::Value,
+    pub artifact_key: String,
 }
 
 /// An `after`/`limit` page request, as OpenAI's list endpoints take it.

@@ -1,11 +1,11 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use studio_core::{FileId, JobId};
+use studio_core::{CheckpointId, FileId, JobId};
 
 use crate::records::{
-    CancelOutcome, EventRecord, FileRecord, Heartbeat, JobError, JobRecord, MetricPoint, NewEvent,
-    NewFile, NewJob, Page, PageRequest, RescuedJob,
+    CancelOutcome, CheckpointRecord, EventRecord, FileRecord, Heartbeat, JobError, JobRecord,
+    MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest, RescuedJob,
 };
 use crate::StoreError;
 
@@ -86,4 +86,24 @@ pub trait Store: Send + Sync {
     ) -> Result<u64, StoreError>;
     /// Lists all metric rows of a job, by step.
     async fn list_metrics(&self, job_id: &JobId) -> Result<Vec<MetricPoint>, StoreError>;
+
+    /// Registers a checkpoint of a job the worker owns. A checkpoint of the same step written
+    /// by an earlier attempt is replaced, keeping its id.
+    async fn insert_checkpoint(
+        &self,
+        worker_id: &str,
+        checkpoint: &NewCheckpoint,
+    ) -> Result<CheckpointRecord, StoreError>;
+    /// Lists a job's checkpoints, latest step first; `after` is a checkpoint id.
+    async fn list_checkpoints(
+        &self,
+        job_id: &JobId,
+        page: &PageRequest,
+    ) -> Result<Page<CheckpointRecord>, StoreError>;
+    /// Returns the checkpoint `id` of `job_id`; a checkpoint of another job is not found.
+    async fn get_checkpoint(
+        &self,
+        job_id: &JobId,
+        id: &CheckpointId,
+    ) -> Result<CheckpointRecord, StoreError>;
 }

@@ -7,10 +7,10 @@ use chrono::{TimeDelta, TimeZone, Utc};
 use serde_json::json;
 use sqlx::PgPool;
 use studio_core::dataset::DatasetFormat;
-use studio_core::{FileId, JobId, JobSpec, JobStatus};
+use studio_core::{CheckpointId, FileId, JobId, JobSpec, JobStatus};
 use studio_store::{
-    CancelOutcome, Clock, EventLevel, JobError, ManualClock, MetricPoint, NewEvent, NewFile,
-    NewJob, PageRequest, PgStore, Store, StoreError,
+    CancelOutcome, Clock, EventLevel, JobError, ManualClock, MetricPoint, NewCheckpoint, NewEvent,
+    NewFile, NewJob, PageRequest, PgStore, Store, StoreError,
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -62,7 +62,9 @@ fn point(step: u64) -> MetricPoint {
         step,
         epoch: step as f64 / 10.0,
         train_loss: 2.0 / step as f64,
+        train_mean_token_accuracy: Some(0.5),
         valid_loss: None,
+        valid_mean_token_accuracy: None,
         learning_rate: 1e-4,
         grad_norm: 1.5,
         tokens_per_second: 100.0,
@@ -458,6 +460,146 @@ async fn metrics_of_lost_job_are_rejected(pool: PgPool) {
 
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert!(points.is_empty());
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn metrics_keep_token_accuracy(pool: PgPool) {
+    let f = fixture(pool).await;
+    let id = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap();
+    let mut evaluated = point(1);
+    evaluated.valid_loss = Some(1.25);
+    evaluated.valid_mean_token_accuracy = Some(0.75);
+
+    f.store
+        .insert_metrics(&id, "w1", &[evaluated.clone(), point(2)])
+        .await
+        .unwrap();
+    let points = f.store.list_metrics(&id).await.unwrap();
+
+    assert_eq!(points[0].train_mean_token_accuracy, Some(0.5));
+    assert_eq!(points[0].valid_mean_token_accuracy, Some(0.75));
+    assert_eq!(points[1].valid_mean_token_accuracy, None);
+}
+
+fn checkpoint(job_id: &JobId, step: u64) -> NewCheckpoint {
+    NewCheckpoint {
+        id: CheckpointId::new(),
+        job_id: job_id.clone(),
+        step,
+        metrics: json!({"step": step, "train_loss": 1.0 / step as f64}),
+        artifact_key: format!("jobs/{job_id}/checkpoints/step-{step}"),
+    }
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn checkpoints_list_latest_step_first(pool: PgPool) {
+    let f = fixture(pool).await;
+    let id = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap();
+    for step in [10, 30, 20] {
+        f.store
+            .insert_checkpoint("w1", &checkpoint(&id, step))
+            .await
+            .unwrap();
+    }
+
+    let first = f
+        .store
+        .list_checkpoints(&id, &PageRequest::first(2))
+        .await
+        .unwrap();
+    let after = PageRequest {
+        after: Some(first.data[1].id.to_string()),
+        limit: 2,
+    };
+    let second = f.store.list_checkpoints(&id, &after).await.unwrap();
+
+    let steps =
+        |page: &[studio_store::CheckpointRecord]| page.iter().map(|c| c.step).collect::<Vec<_>>();
+    assert_eq!(steps(&first.data), [30, 20]);
+    assert!(first.has_more);
+    assert_eq!(steps(&second.data), [10]);
+    assert!(!second.has_more);
+    assert_eq!(first.data[0].metrics["step"], 30);
+    assert_eq!(
+        first.data[0].artifact_key,
+        format!("jobs/{id}/checkpoints/step-30")
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn checkpoint_of_same_step_is_replaced(pool: PgPool) {
+    let f = fixture(pool).await;
+    let id = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap();
+    let original = f
+        .store
+        .insert_checkpoint("w1", &checkpoint(&id, 5))
+        .await
+        .unwrap();
+
+    let mut again = checkpoint(&id, 5);
+    again.metrics = json!({"step": 5, "train_loss": 0.5});
+    let replaced = f.store.insert_checkpoint("w1", &again).await.unwrap();
+    let listed = f
+        .store
+        .list_checkpoints(&id, &PageRequest::first(10))
+        .await
+        .unwrap();
+
+    assert_eq!(replaced.id, original.id);
+    assert_eq!(listed.data.len(), 1);
+    assert_eq!(listed.data[0].metrics["train_loss"], 0.5);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn checkpoint_of_lost_job_is_rejected(pool: PgPool) {
+    let f = fixture(pool).await;
+    let id = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap();
+
+    let err = f
+        .store
+        .insert_checkpoint("w2", &checkpoint(&id, 1))
+        .await
+        .unwrap_err();
+    let listed = f
+        .store
+        .list_checkpoints(&id, &PageRequest::first(10))
+        .await
+        .unwrap();
+
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(listed.data.is_empty());
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn checkpoint_of_other_job_is_not_found(pool: PgPool) {
+    let f = fixture(pool).await;
+    let id = f.queue_job().await;
+    let other = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap();
+    let saved = f
+        .store
+        .insert_checkpoint("w1", &checkpoint(&id, 1))
+        .await
+        .unwrap();
+
+    let found = f.store.get_checkpoint(&id, &saved.id).await.unwrap();
+    let err = f.store.get_checkpoint(&other, &saved.id).await.unwrap_err();
+
+    assert_eq!(found, saved);
+    assert!(
+        matches!(
+            err,
+            StoreError::NotFound {
+                entity: "checkpoint",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[sqlx::test(migrations = "../../migrations")]
