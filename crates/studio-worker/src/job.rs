@@ -5,25 +5,56 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use studio_core::dataset::{parse_dataset, Conversation};
-use studio_core::JobSpec;
-use studio_store::keys::{file_key, final_adapter_key, ADAPTER_FILES};
-use studio_store::{EventLevel, JobError, JobRecord, NewEvent, Services, StoreError};
-use studio_train::{Approach, LoraSettings, RunOutcome, SftJob, TrainError, TrainSettings};
+use studio_core::{FileId, JobSpec};
+use studio_store::keys::{file_key, final_artifact_prefix, results_csv_key};
+use studio_store::{
+    EventLevel, JobError, JobRecord, MetricPoint, NewEvent, PageRequest, Services, StoreError,
+};
+use studio_train::{ArtifactKind, RunOutcome, SftJob, TrainError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::progress::{write_progress, ChannelObserver, StopFlags};
+use crate::plan::{approach, train_settings};
+use crate::progress::{write_progress, ChannelObserver, ProgressSink, StopFlags};
 use crate::{Trainer, WorkerSettings};
 
 /// Everything a run needs, loaded before the trainer starts.
 struct Prepared {
     examples: Vec<Conversation>,
+    validation: Option<Vec<Conversation>>,
     model_path: PathBuf,
+    /// The latest checkpoint of an earlier attempt, downloaded into the scratch folder.
+    resume_from: Option<PathBuf>,
+}
+
+/// The scratch folders of one run.
+struct Scratch {
+    root: PathBuf,
+}
+
+impl Scratch {
+    /// Receives the trainer's `adapter/`, `merged/` or `model/`.
+    fn output(&self) -> PathBuf {
+        self.root.join("output")
+    }
+
+    /// Receives the trainer's `step-{n}/` folders until they are uploaded.
+    fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
+    /// Receives the checkpoint a re-claimed job resumes from.
+    fn resume(&self) -> PathBuf {
+        self.root.join("resume")
+    }
 }
 
 /// The end of a run as the trainer reported it.
 enum Ended {
-    Trained { trained_tokens: u64 },
+    Trained {
+        trained_tokens: u64,
+        artifacts: Vec<(ArtifactKind, PathBuf)>,
+    },
     Stopped,
     Failed(JobError),
 }
@@ -49,54 +80,27 @@ impl JobRun<'_> {
         .await;
         let flags = Arc::new(StopFlags::default());
         let heartbeat = self.spawn_heartbeat(flags.clone(), shutdown);
-        let scratch = self.settings.scratch_dir.join(self.job.id.as_str());
+        let scratch = Scratch {
+            root: self.settings.scratch_dir.join(self.job.id.as_str()),
+        };
 
-        let ended = match self.prepare().await {
+        let ended = match self.prepare(&scratch).await {
             Ok(prepared) => self.train(prepared, &scratch, flags.clone()).await,
             Err(error) => Ended::Failed(error),
         };
         heartbeat.abort();
-        let result = self.finish(ended, &flags, &scratch).await;
-        let _ = tokio::fs::remove_dir_all(&scratch).await;
+        let result = self.finish(ended, &flags).await;
+        let _ = tokio::fs::remove_dir_all(&scratch.root).await;
         result
     }
 
-    async fn prepare(&self) -> Result<Prepared, JobError> {
+    async fn prepare(&self, scratch: &Scratch) -> Result<Prepared, JobError> {
         let spec = &self.job.spec;
-        let bytes = self
-            .services
-            .artifacts
-            .read(&file_key(&spec.training_file))
-            .await
-            .map_err(|err| JobError {
-                code: "invalid_training_file".into(),
-                message: format!("cannot read training file {}: {err}", spec.training_file),
-                param: Some("training_file".into()),
-            })?;
-        let (examples, summary) = tokio::task::spawn_blocking(move || parse_dataset(&bytes))
-            .await
-            .map_err(|err| internal_error(format!("dataset parsing stopped unexpectedly: {err}")))?
-            .map_err(|err| JobError {
-                code: "invalid_training_file".into(),
-                message: format!("training file {}: {err}", spec.training_file),
-                param: Some("training_file".into()),
-            })?;
-        self.event(
-            EventLevel::Info,
-            format!(
-                "Read {} training examples in the {} format",
-                summary.line_count,
-                summary.format.as_str()
-            ),
-        )
-        .await;
-        if spec.validation_file.is_some() {
-            self.event(
-                EventLevel::Warn,
-                "validation_file is not evaluated yet; training uses training_file only".into(),
-            )
-            .await;
-        }
+        let examples = self.read_dataset(&spec.training_file, "training").await?;
+        let validation = match &spec.validation_file {
+            Some(file) => Some(self.read_dataset(file, "validation").await?),
+            None => None,
+        };
 
         let model = self
             .services
@@ -112,36 +116,115 @@ impl JobRun<'_> {
             format!("Loading base model {}", spec.model),
         )
         .await;
+        let resume_from = self.download_latest_checkpoint(scratch).await?;
         Ok(Prepared {
             examples,
+            validation,
             model_path: model.path,
+            resume_from,
         })
     }
 
-    async fn train(&self, prepared: Prepared, scratch: &Path, flags: Arc<StopFlags>) -> Ended {
-        // The trainer writes `adapter/` under this folder.
-        let output_dir = scratch.to_path_buf();
-        if let Err(err) = tokio::fs::create_dir_all(&output_dir).await {
-            return Ended::Failed(internal_error(format!(
-                "cannot create the scratch folder: {err}"
-            )));
+    /// Reads and parses an uploaded dataset; `role` is `training` or `validation`.
+    async fn read_dataset(&self, file: &FileId, role: &str) -> Result<Vec<Conversation>, JobError> {
+        let param = format!("{role}_file");
+        let code = format!("invalid_{role}_file");
+        let bytes = self
+            .services
+            .artifacts
+            .read(&file_key(file))
+            .await
+            .map_err(|err| JobError {
+                code: code.clone(),
+                message: format!("cannot read {role} file {file}: {err}"),
+                param: Some(param.clone()),
+            })?;
+        let (examples, summary) = tokio::task::spawn_blocking(move || parse_dataset(&bytes))
+            .await
+            .map_err(|err| internal_error(format!("dataset parsing stopped unexpectedly: {err}")))?
+            .map_err(|err| JobError {
+                code,
+                message: format!("{role} file {file}: {err}"),
+                param: Some(param),
+            })?;
+        self.event(
+            EventLevel::Info,
+            format!(
+                "Read {} {role} examples in the {} format",
+                summary.line_count,
+                summary.format.as_str()
+            ),
+        )
+        .await;
+        Ok(examples)
+    }
+
+    /// Downloads the latest checkpoint of an earlier attempt, if any, so the run resumes there.
+    async fn download_latest_checkpoint(
+        &self,
+        scratch: &Scratch,
+    ) -> Result<Option<PathBuf>, JobError> {
+        let latest = self
+            .services
+            .store
+            .list_checkpoints(&self.job.id, &PageRequest::first(1))
+            .await
+            .map_err(|err| {
+                internal_error(format!("cannot look up the job's checkpoints: {err}"))
+            })?;
+        let Some(checkpoint) = latest.data.into_iter().next() else {
+            return Ok(None);
+        };
+        let dir = scratch.resume().join(format!("step-{}", checkpoint.step));
+        self.services
+            .artifacts
+            .get_dir(&checkpoint.artifact_key, &dir)
+            .await
+            .map_err(|err| {
+                internal_error(format!(
+                    "cannot download checkpoint {} at step {}: {err}",
+                    checkpoint.id, checkpoint.step
+                ))
+            })?;
+        self.event(
+            EventLevel::Info,
+            format!("Resuming from step {}", checkpoint.step),
+        )
+        .await;
+        Ok(Some(dir))
+    }
+
+    async fn train(&self, prepared: Prepared, scratch: &Scratch, flags: Arc<StopFlags>) -> Ended {
+        let (output_dir, checkpoint_dir) = (scratch.output(), scratch.checkpoints());
+        for dir in [&output_dir, &checkpoint_dir] {
+            if let Err(err) = tokio::fs::create_dir_all(dir).await {
+                return Ended::Failed(internal_error(format!(
+                    "cannot create the scratch folder {}: {err}",
+                    dir.display()
+                )));
+            }
         }
 
         let (sender, receiver) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_progress(
-            self.services.store.clone(),
-            self.job.id.clone(),
-            self.settings.worker_id.clone(),
-            flags.clone(),
-            receiver,
-        ));
+        let sink = ProgressSink {
+            store: self.services.store.clone(),
+            artifacts: self.services.artifacts.clone(),
+            job_id: self.job.id.clone(),
+            worker_id: self.settings.worker_id.clone(),
+            flags: flags.clone(),
+        };
+        let writer = tokio::spawn(write_progress(sink, receiver));
         let observer = ChannelObserver { sender, flags };
         let trainer = self.trainer.clone();
         let spec = self.job.spec.clone();
         let span = tracing::Span::current();
         let training = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            run_trainer(trainer.as_ref(), &spec, prepared, &output_dir, observer)
+            let folders = RunFolders {
+                output: &output_dir,
+                checkpoints: &checkpoint_dir,
+            };
+            run_trainer(trainer.as_ref(), &spec, prepared, folders, observer)
         });
 
         let outcome = training.await;
@@ -150,6 +233,7 @@ impl JobRun<'_> {
         match outcome {
             Ok(Ok(RunOutcome::Succeeded(summary))) => Ended::Trained {
                 trained_tokens: summary.trained_tokens,
+                artifacts: summary.artifacts,
             },
             Ok(Ok(RunOutcome::Cancelled { .. })) => Ended::Stopped,
             Ok(Err(err)) => Ended::Failed(train_error(&err)),
@@ -160,12 +244,7 @@ impl JobRun<'_> {
         }
     }
 
-    async fn finish(
-        &self,
-        ended: Ended,
-        flags: &StopFlags,
-        scratch: &Path,
-    ) -> Result<(), StoreError> {
+    async fn finish(&self, ended: Ended, flags: &StopFlags) -> Result<(), StoreError> {
         let id = &self.job.id;
         let worker_id = self.settings.worker_id.as_str();
         let store = &self.services.store;
@@ -174,9 +253,12 @@ impl JobRun<'_> {
             return Ok(());
         }
         match ended {
-            Ended::Trained { trained_tokens } => {
-                if let Err(err) = self.upload_adapter(&scratch.join("adapter")).await {
-                    let error = internal_error(format!("failed to store the adapter: {err}"));
+            Ended::Trained {
+                trained_tokens,
+                artifacts,
+            } => {
+                if let Err(err) = self.upload_results(&artifacts).await {
+                    let error = internal_error(format!("failed to store the result: {err}"));
                     self.event(
                         EventLevel::Error,
                         format!("Fine-tuning job failed: {}", error.message),
@@ -224,14 +306,25 @@ impl JobRun<'_> {
         Ok(())
     }
 
-    async fn upload_adapter(&self, output_dir: &Path) -> Result<(), StoreError> {
-        for name in ADAPTER_FILES {
-            let key = final_adapter_key(&self.job.id, name);
-            self.services
-                .artifacts
-                .put_file(&key, &output_dir.join(name))
-                .await?;
+    /// Uploads every artifact folder to `jobs/{id}/final/{kind}/` and the metrics as
+    /// `jobs/{id}/final/results.csv`.
+    async fn upload_results(
+        &self,
+        artifacts: &[(ArtifactKind, PathBuf)],
+    ) -> Result<(), StoreError> {
+        for (kind, dir) in artifacts {
+            let prefix = final_artifact_prefix(&self.job.id, kind.as_str());
+            let files = self.services.artifacts.put_dir(&prefix, dir).await?;
+            tracing::info!(artifact = kind.as_str(), files, "artifact stored");
         }
+        let metrics = self.services.store.list_metrics(&self.job.id).await?;
+        self.services
+            .artifacts
+            .put_bytes(
+                &results_csv_key(&self.job.id),
+                results_csv(&metrics).as_bytes(),
+            )
+            .await?;
         Ok(())
     }
 
@@ -298,42 +391,56 @@ impl JobRun<'_> {
     }
 }
 
+struct RunFolders<'a> {
+    output: &'a Path,
+    checkpoints: &'a Path,
+}
+
 fn run_trainer(
     trainer: &dyn Trainer,
     spec: &JobSpec,
     prepared: Prepared,
-    output_dir: &Path,
+    folders: RunFolders<'_>,
     mut observer: ChannelObserver,
 ) -> Result<RunOutcome, TrainError> {
-    let lora = spec.lora();
-    let hyperparameters = spec.hyperparameters();
     let job = SftJob {
         model_path: &prepared.model_path,
         base_model_name: &spec.model,
         examples: &prepared.examples,
-        validation: None,
-        approach: Approach::Lora(LoraSettings {
-            r: lora.r as usize,
-            alpha: lora.alpha,
-            dropout: lora.dropout,
-            target_modules: lora.target_modules.clone(),
-            use_rslora: false,
-        }),
-        settings: TrainSettings {
-            n_epochs: hyperparameters.n_epochs as usize,
-            batch_size: hyperparameters.batch_size as usize,
-            learning_rate: hyperparameters.learning_rate,
-            max_seq_len: hyperparameters.max_seq_len as usize,
-            weight_decay: hyperparameters.weight_decay,
-            seed: spec.seed,
-            ..TrainSettings::default()
-        },
-        output_dir,
-        checkpoint_dir: None,
-        resume_from: None,
-        export_merged: false,
+        validation: prepared.validation.as_deref(),
+        approach: approach(spec),
+        settings: train_settings(spec),
+        output_dir: folders.output,
+        checkpoint_dir: Some(folders.checkpoints),
+        resume_from: prepared.resume_from.as_deref(),
+        // A merged model serves clients that cannot apply adapters, so LoRA jobs always have one.
+        export_merged: true,
     };
     trainer.run_sft(&job, &mut observer)
+}
+
+/// Renders the metrics as CSV, one row per step; a missing value is an empty field.
+fn results_csv(metrics: &[MetricPoint]) -> String {
+    let optional = |value: Option<f64>| value.map(|v| v.to_string()).unwrap_or_default();
+    let mut csv = String::from(
+        "step,epoch,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,tokens_per_second,trained_tokens\n",
+    );
+    for point in metrics {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{}\n",
+            point.step,
+            point.epoch,
+            point.train_loss,
+            optional(point.train_mean_token_accuracy),
+            optional(point.valid_loss),
+            optional(point.valid_mean_token_accuracy),
+            point.learning_rate,
+            point.grad_norm,
+            point.tokens_per_second,
+            point.trained_tokens,
+        ));
+    }
+    csv
 }
 
 fn train_error(err: &TrainError) -> JobError {

@@ -1,7 +1,8 @@
 //! The Smart Studio worker: claims queued jobs, trains them on a blocking thread, streams
-//! metrics and events to the store, and uploads the adapter.
+//! metrics, events and checkpoints to the store, and uploads the trained artifacts.
 
 mod job;
+pub mod plan;
 mod progress;
 mod trainer;
 

@@ -1,14 +1,19 @@
 //! Carries progress from the training thread to the database: the observer sends over a
-//! channel, and an async task writes metric rows in batches and milestone events.
+//! channel, and an async task writes metric rows in batches, milestone events and checkpoints.
+//! Messages are handled in the order the trainer sent them, so a checkpoint is registered after
+//! the metrics of its step.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-use studio_core::JobId;
-use studio_store::{EventLevel, EventType, MetricPoint, NewEvent, Store, StoreError};
-use studio_train::{StepMetrics, TrainObserver};
+use serde_json::{json, Value};
+use studio_core::{CheckpointId, JobId};
+use studio_store::keys::checkpoint_prefix;
+use studio_store::{
+    ArtifactStore, EventLevel, EventType, MetricPoint, NewCheckpoint, NewEvent, Store, StoreError,
+};
+use studio_train::{CheckpointInfo, StepMetrics, TrainObserver};
 use tokio::sync::mpsc;
 
 /// Metric rows are written at least this often while steps arrive.
@@ -41,6 +46,7 @@ impl StopFlags {
 pub enum Progress {
     Step(StepMetrics),
     Event(EventLevel, String),
+    Checkpoint(CheckpointInfo),
 }
 
 /// The observer handed to the trainer; every call only sends on a channel, so it is cheap.
@@ -66,21 +72,33 @@ impl TrainObserver for ChannelObserver {
     fn should_cancel(&mut self) -> bool {
         self.flags.any()
     }
+
+    /// Hands the folder to the writer task, which uploads it, so training goes on meanwhile.
+    fn on_checkpoint(&mut self, checkpoint: &CheckpointInfo) {
+        let _ = self.sender.send(Progress::Checkpoint(checkpoint.clone()));
+    }
+}
+
+/// Where the writer task puts what it receives.
+pub struct ProgressSink {
+    pub store: Arc<dyn Store>,
+    pub artifacts: Arc<ArtifactStore>,
+    pub job_id: JobId,
+    pub worker_id: String,
+    pub flags: Arc<StopFlags>,
 }
 
 /// Writes progress until the observer is dropped; returns the last step seen.
 pub async fn write_progress(
-    store: Arc<dyn Store>,
-    job_id: JobId,
-    worker_id: String,
-    flags: Arc<StopFlags>,
+    sink: ProgressSink,
     mut receiver: mpsc::UnboundedReceiver<Progress>,
 ) -> Option<StepMetrics> {
     let mut writer = ProgressWriter {
-        store,
-        job_id,
-        worker_id,
-        flags,
+        store: sink.store,
+        artifacts: sink.artifacts,
+        job_id: sink.job_id,
+        worker_id: sink.worker_id,
+        flags: sink.flags,
         pending: Vec::new(),
         last: None,
     };
@@ -90,6 +108,7 @@ pub async fn write_progress(
             message = receiver.recv() => match message {
                 Some(Progress::Step(metrics)) => writer.on_step(metrics).await,
                 Some(Progress::Event(level, message)) => writer.event(level, EventType::Message, message, None).await,
+                Some(Progress::Checkpoint(checkpoint)) => writer.on_checkpoint(checkpoint).await,
                 None => break,
             },
             _ = ticker.tick() => writer.flush().await,
@@ -101,6 +120,7 @@ pub async fn write_progress(
 
 struct ProgressWriter {
     store: Arc<dyn Store>,
+    artifacts: Arc<ArtifactStore>,
     job_id: JobId,
     worker_id: String,
     flags: Arc<StopFlags>,
@@ -114,26 +134,18 @@ impl ProgressWriter {
             step: metrics.step,
             epoch: metrics.epoch,
             train_loss: metrics.train_loss,
-            valid_loss: None,
+            train_mean_token_accuracy: Some(metrics.train_mean_token_accuracy),
+            valid_loss: metrics.valid_loss,
+            valid_mean_token_accuracy: metrics.valid_mean_token_accuracy,
             learning_rate: metrics.learning_rate,
             grad_norm: metrics.grad_norm,
             tokens_per_second: metrics.tokens_per_second,
             trained_tokens: metrics.trained_tokens,
         });
-        if is_progress_step(metrics.step, metrics.total_steps) {
-            let message = format!(
-                "Step {}/{}: training loss={:.4}, learning rate={:.3e}",
-                metrics.step, metrics.total_steps, metrics.train_loss, metrics.learning_rate
-            );
-            let data = json!({
-                "step": metrics.step,
-                "total_steps": metrics.total_steps,
-                "epoch": metrics.epoch,
-                "train_loss": metrics.train_loss,
-                "learning_rate": metrics.learning_rate,
-                "grad_norm": metrics.grad_norm,
-                "tokens_per_second": metrics.tokens_per_second,
-            });
+        // Every evaluation gets an event, so the validation curve is visible in the events.
+        if metrics.valid_loss.is_some() || is_progress_step(metrics.step, metrics.total_steps) {
+            let message = step_message(&metrics);
+            let data = metrics_event_data(&metrics);
             self.event(EventLevel::Info, EventType::Metrics, message, Some(data))
                 .await;
         }
@@ -167,6 +179,42 @@ impl ProgressWriter {
         }
     }
 
+    /// Uploads a checkpoint folder, registers it and removes the local copy. A failure is
+    /// logged and the run goes on, because a missing checkpoint only costs a resume point.
+    async fn on_checkpoint(&mut self, checkpoint: CheckpointInfo) {
+        self.flush().await;
+        if self.flags.lost.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let step = checkpoint.step;
+        let prefix = checkpoint_prefix(&self.job_id, step);
+        if let Err(err) = self.artifacts.put_dir(&prefix, &checkpoint.dir).await {
+            tracing::warn!(step, error = %err, "failed to upload a checkpoint; the run goes on without it");
+            return;
+        }
+        let row = NewCheckpoint {
+            id: CheckpointId::new(),
+            job_id: self.job_id.clone(),
+            step,
+            metrics: checkpoint_metrics(&checkpoint.metrics),
+            artifact_key: prefix,
+        };
+        match self.store.insert_checkpoint(&self.worker_id, &row).await {
+            Ok(saved) => tracing::info!(step, checkpoint_id = %saved.id, "checkpoint stored"),
+            Err(StoreError::Conflict(message)) => {
+                tracing::warn!(%message, "stopping the run: the job was taken from this worker");
+                self.flags
+                    .lost
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(err) => tracing::warn!(step, error = %err, "failed to register a checkpoint"),
+        }
+        // The trainer never reads a finished checkpoint again, so the local copy only takes space.
+        if let Err(err) = tokio::fs::remove_dir_all(&checkpoint.dir).await {
+            tracing::warn!(step, error = %err, "failed to remove an uploaded checkpoint folder");
+        }
+    }
+
     async fn event(
         &self,
         level: EventLevel,
@@ -185,6 +233,47 @@ impl ProgressWriter {
             tracing::warn!(error = %err, message = %event.message, "failed to write a job event");
         }
     }
+}
+
+fn step_message(metrics: &StepMetrics) -> String {
+    let mut message = format!(
+        "Step {}/{}: training loss={:.4}, learning rate={:.3e}",
+        metrics.step, metrics.total_steps, metrics.train_loss, metrics.learning_rate
+    );
+    if let Some(valid_loss) = metrics.valid_loss {
+        message.push_str(&format!(", validation loss={valid_loss:.4}"));
+    }
+    message
+}
+
+/// The `data` of a `metrics` event: OpenAI's keys, then ours.
+fn metrics_event_data(metrics: &StepMetrics) -> Value {
+    json!({
+        "step": metrics.step,
+        "total_steps": metrics.total_steps,
+        "train_loss": metrics.train_loss,
+        "train_mean_token_accuracy": metrics.train_mean_token_accuracy,
+        "valid_loss": metrics.valid_loss,
+        "valid_mean_token_accuracy": metrics.valid_mean_token_accuracy,
+        "epoch": metrics.epoch,
+        "learning_rate": metrics.learning_rate,
+        "grad_norm": metrics.grad_norm,
+        "tokens_per_second": metrics.tokens_per_second,
+    })
+}
+
+/// OpenAI's checkpoint `metrics`. The trainer evaluates the whole validation set, so the
+/// `valid_*` and `full_valid_*` figures are the same numbers.
+pub fn checkpoint_metrics(metrics: &StepMetrics) -> Value {
+    json!({
+        "step": metrics.step,
+        "train_loss": metrics.train_loss,
+        "train_mean_token_accuracy": metrics.train_mean_token_accuracy,
+        "valid_loss": metrics.valid_loss,
+        "valid_mean_token_accuracy": metrics.valid_mean_token_accuracy,
+        "full_valid_loss": metrics.valid_loss,
+        "full_valid_mean_token_accuracy": metrics.valid_mean_token_accuracy,
+    })
 }
 
 /// Selects the steps that get a progress event: the first, the last, and about

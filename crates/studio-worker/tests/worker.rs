@@ -1,17 +1,22 @@
 //! The worker with a fake trainer against a real Postgres.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sqlx::PgPool;
 use studio_core::dataset::DatasetFormat;
-use studio_core::{FileId, JobId, JobSpec, JobStatus};
-use studio_store::keys::{file_key, final_adapter_key};
+use studio_core::{CheckpointId, FileId, JobId, JobSpec, JobStatus};
+use studio_store::keys::{checkpoint_prefix, file_key, final_adapter_key, results_csv_key};
 use studio_store::{
-    ArtifactStore, ModelCatalog, NewFile, NewJob, PageRequest, PgStore, Services, SystemClock,
+    ArtifactStore, ModelCatalog, NewCheckpoint, NewFile, NewJob, PageRequest, PgStore, Services,
+    SystemClock,
 };
-use studio_train::{ArtifactKind, RunOutcome, SftJob, StepMetrics, TrainError, TrainObserver, TrainSummary};
+use studio_train::{
+    Approach, ArtifactKind, CheckpointInfo, RunOutcome, SftJob, StepMetrics, TrainError,
+    TrainObserver, TrainSettings, TrainSummary,
+};
 use studio_worker::{Trainer, Worker, WorkerSettings};
 use tokio::sync::watch;
 
@@ -25,9 +30,14 @@ const DATASET: &str = concat!(
 /// What the fake trainer does.
 #[derive(Clone)]
 enum Behaviour {
-    /// Reports this many steps and writes a small adapter.
+    /// Reports this many steps and writes a small adapter (or model, for full fine-tuning).
     Succeed {
         steps: u64,
+    },
+    /// Like `Succeed`, and writes a checkpoint folder after each of these steps.
+    Checkpoint {
+        steps: u64,
+        at: Vec<u64>,
     },
     Fail,
     /// Reports a step every few milliseconds until cancelled, for at most this many steps.
@@ -36,10 +46,98 @@ enum Behaviour {
     },
 }
 
-struct FakeTrainer(Behaviour);
+/// What the worker handed the trainer.
+#[derive(Clone, Debug)]
+struct SeenJob {
+    approach: Approach,
+    settings: TrainSettings,
+    validation_examples: Option<usize>,
+    has_checkpoint_dir: bool,
+    export_merged: bool,
+    /// The content of `trainer_state.json` in the `resume_from` folder.
+    resumed_state: Option<String>,
+}
+
+struct FakeTrainer {
+    behaviour: Behaviour,
+    seen: Arc<Mutex<Option<SeenJob>>>,
+}
 
 const ADAPTER_CONFIG: &[u8] = br#"{"peft_type":"LORA"}"#;
 const ADAPTER_WEIGHTS: &[u8] = b"fake safetensors";
+const MODEL_WEIGHTS: &[u8] = b"fake full model";
+const TRAINER_STATE: &[u8] = br#"{"step":4}"#;
+
+impl FakeTrainer {
+    fn record(&self, job: &SftJob<'_>) {
+        let resumed_state = job
+            .resume_from
+            .map(|dir| std::fs::read_to_string(dir.join("trainer_state.json")).unwrap());
+        *self.seen.lock().unwrap() = Some(SeenJob {
+            approach: job.approach.clone(),
+            settings: job.settings.clone(),
+            validation_examples: job.validation.map(|v| v.len()),
+            has_checkpoint_dir: job.checkpoint_dir.is_some(),
+            export_merged: job.export_merged,
+            resumed_state,
+        });
+    }
+}
+
+/// Writes a checkpoint folder as the trainer lays it out for the job's approach.
+fn write_checkpoint(job: &SftJob<'_>, step: u64) -> std::io::Result<PathBuf> {
+    let dir = job
+        .checkpoint_dir
+        .expect("the worker passes a checkpoint folder")
+        .join(format!("step-{step}"));
+    std::fs::create_dir_all(&dir)?;
+    match job.approach {
+        Approach::Lora(_) => {
+            std::fs::write(dir.join("adapter_config.json"), ADAPTER_CONFIG)?;
+            std::fs::write(dir.join("adapter_model.safetensors"), ADAPTER_WEIGHTS)?;
+        }
+        Approach::Full => std::fs::write(dir.join("model.safetensors"), MODEL_WEIGHTS)?,
+    }
+    std::fs::write(dir.join("optimizer.safetensors"), b"moments")?;
+    std::fs::write(dir.join("trainer_state.json"), TRAINER_STATE)?;
+    Ok(dir)
+}
+
+/// Writes the final artifacts as the trainer lays them out for the job's approach.
+fn write_artifacts(job: &SftJob<'_>) -> std::io::Result<Vec<(ArtifactKind, PathBuf)>> {
+    match job.approach {
+        Approach::Lora(_) => {
+            let adapter = job.output_dir.join("adapter");
+            std::fs::create_dir_all(&adapter)?;
+            std::fs::write(adapter.join("adapter_config.json"), ADAPTER_CONFIG)?;
+            std::fs::write(adapter.join("adapter_model.safetensors"), ADAPTER_WEIGHTS)?;
+            let merged = job.output_dir.join("merged");
+            std::fs::create_dir_all(&merged)?;
+            std::fs::write(merged.join("config.json"), b"{}")?;
+            std::fs::write(merged.join("model.safetensors"), MODEL_WEIGHTS)?;
+            Ok(vec![
+                (ArtifactKind::Adapter, adapter),
+                (ArtifactKind::Merged, merged),
+            ])
+        }
+        Approach::Full => {
+            let model = job.output_dir.join("model");
+            std::fs::create_dir_all(&model)?;
+            std::fs::write(model.join("config.json"), b"{}")?;
+            std::fs::write(model.join("model.safetensors"), MODEL_WEIGHTS)?;
+            Ok(vec![(ArtifactKind::Model, model)])
+        }
+    }
+}
+
+fn succeeded(steps: u64, artifacts: Vec<(ArtifactKind, PathBuf)>) -> RunOutcome {
+    RunOutcome::Succeeded(TrainSummary {
+        trained_tokens: steps * 32,
+        steps,
+        skipped_steps: 0,
+        artifacts,
+    })
+}
 
 impl Trainer for FakeTrainer {
     fn run_sft(
@@ -52,36 +150,47 @@ impl Trainer for FakeTrainer {
             2,
             "the worker passes the parsed dataset"
         );
+        self.record(job);
         observer.on_event(
             studio_train::EventLevel::Info,
             &format!("Loaded base model {}", job.base_model_name),
         );
-        match self.0 {
+        match &self.behaviour {
             Behaviour::Succeed { steps } => {
-                for step in 1..=steps {
-                    observer.on_step(&metrics(step, steps));
+                for step in 1..=*steps {
+                    observer.on_step(&metrics(step, *steps));
                 }
-                let adapter = job.output_dir.join("adapter");
-                std::fs::create_dir_all(&adapter)?;
-                std::fs::write(adapter.join("adapter_config.json"), ADAPTER_CONFIG)?;
-                std::fs::write(adapter.join("adapter_model.safetensors"), ADAPTER_WEIGHTS)?;
-                Ok(RunOutcome::Succeeded(TrainSummary {
-                    trained_tokens: steps * 32,
-                    steps,
-                    skipped_steps: 0,
-                    artifacts: vec![(ArtifactKind::Adapter, adapter)],
-                }))
+                Ok(succeeded(*steps, write_artifacts(job)?))
+            }
+            Behaviour::Checkpoint { steps, at } => {
+                for step in 1..=*steps {
+                    let mut step_metrics = metrics(step, *steps);
+                    if at.contains(&step) {
+                        step_metrics.valid_loss = Some(2.5);
+                        step_metrics.valid_mean_token_accuracy = Some(0.625);
+                    }
+                    observer.on_step(&step_metrics);
+                    if at.contains(&step) {
+                        let dir = write_checkpoint(job, step)?;
+                        observer.on_checkpoint(&CheckpointInfo {
+                            step,
+                            dir,
+                            metrics: step_metrics,
+                        });
+                    }
+                }
+                Ok(succeeded(*steps, write_artifacts(job)?))
             }
             Behaviour::Fail => Err(TrainError::InvalidData {
                 message: "every example is longer than max_seq_len 16".into(),
                 param: Some("training_file".into()),
             }),
             Behaviour::RunUntilCancelled { max_steps } => {
-                for step in 1..=max_steps {
+                for step in 1..=*max_steps {
                     if observer.should_cancel() {
                         return Ok(RunOutcome::Cancelled { steps: step - 1 });
                     }
-                    observer.on_step(&metrics(step, max_steps));
+                    observer.on_step(&metrics(step, *max_steps));
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 panic!("the run was never cancelled");
@@ -137,6 +246,25 @@ async fn setup(pool: PgPool) -> Setup {
 
 impl Setup {
     async fn queue_job(&self, model: &str) -> JobId {
+        self.queue_job_with(json!({"model": model, "suffix": "demo"}))
+            .await
+    }
+
+    /// Uploads a training file, adds it to `body` and queues the job.
+    async fn queue_job_with(&self, mut body: serde_json::Value) -> JobId {
+        let file = self.uploaded_file().await;
+        body["training_file"] = json!(file.as_str());
+        let spec = JobSpec::parse(&body, 5).unwrap();
+        let job = NewJob {
+            id: JobId::new(),
+            spec,
+            max_attempts: 3,
+        };
+        self.services.store.insert_job(&job).await.unwrap();
+        job.id
+    }
+
+    async fn uploaded_file(&self) -> FileId {
         let file = FileId::new();
         self.services
             .artifacts
@@ -153,26 +281,26 @@ impl Setup {
             line_count: 2,
         };
         self.services.store.insert_file(&new_file).await.unwrap();
-        let spec = JobSpec::parse(
-            &json!({"model": model, "training_file": file.as_str(), "suffix": "demo"}),
-            5,
-        )
-        .unwrap();
-        let job = NewJob {
-            id: JobId::new(),
-            spec,
-            max_attempts: 3,
-        };
-        self.services.store.insert_job(&job).await.unwrap();
-        job.id
+        file
     }
 
     fn worker(&self, behaviour: Behaviour) -> Worker {
-        Worker::new(
+        self.recording_worker(behaviour).0
+    }
+
+    /// Returns a worker and what its trainer is handed.
+    fn recording_worker(&self, behaviour: Behaviour) -> (Worker, Arc<Mutex<Option<SeenJob>>>) {
+        let seen = Arc::new(Mutex::new(None));
+        let trainer = FakeTrainer {
+            behaviour,
+            seen: seen.clone(),
+        };
+        let worker = Worker::new(
             self.services.clone(),
             self.settings.clone(),
-            Arc::new(FakeTrainer(behaviour)),
-        )
+            Arc::new(trainer),
+        );
+        (worker, seen)
     }
 
     async fn event_messages(&self, id: &JobId) -> Vec<String> {
@@ -384,4 +512,261 @@ async fn run_stops_on_shutdown_when_idle(pool: PgPool) {
         matches!(result, Ok(Ok(()))),
         "the worker stops within the timeout"
     );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn checkpoint_is_uploaded_and_registered(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup.queue_job("tiny").await;
+
+    setup
+        .worker(Behaviour::Checkpoint {
+            steps: 4,
+            at: vec![2, 4],
+        })
+        .run_next_job(not_stopped())
+        .await
+        .unwrap();
+    let store = &setup.services.store;
+    let artifacts = &setup.services.artifacts;
+    let checkpoints = store
+        .list_checkpoints(&id, &PageRequest::first(10))
+        .await
+        .unwrap()
+        .data;
+    let uploaded = artifacts.list(&checkpoint_prefix(&id, 2)).await.unwrap();
+    let metrics = store.list_metrics(&id).await.unwrap();
+
+    assert_eq!(
+        store.get_job(&id).await.unwrap().status,
+        JobStatus::Succeeded
+    );
+    assert_eq!(
+        checkpoints.iter().map(|c| c.step).collect::<Vec<_>>(),
+        [4, 2]
+    );
+    assert_eq!(checkpoints[1].artifact_key, checkpoint_prefix(&id, 2));
+    assert_eq!(checkpoints[1].metrics["step"], 2);
+    assert_eq!(checkpoints[1].metrics["train_loss"], 1.5);
+    assert_eq!(checkpoints[1].metrics["train_mean_token_accuracy"], 0.5);
+    assert_eq!(checkpoints[1].metrics["valid_loss"], 2.5);
+    assert_eq!(
+        checkpoints[1].metrics["full_valid_mean_token_accuracy"],
+        0.625
+    );
+    let names: Vec<&str> = uploaded.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json"
+        ]
+    );
+    assert_eq!(metrics[1].valid_loss, Some(2.5));
+    assert_eq!(metrics[1].valid_mean_token_accuracy, Some(0.625));
+    assert_eq!(metrics[0].train_mean_token_accuracy, Some(0.5));
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn evaluation_writes_metrics_event(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup.queue_job("tiny").await;
+
+    setup
+        .worker(Behaviour::Checkpoint {
+            steps: 50,
+            at: vec![7],
+        })
+        .run_next_job(not_stopped())
+        .await
+        .unwrap();
+    let events = setup
+        .services
+        .store
+        .list_events(&id, &PageRequest::first(100))
+        .await
+        .unwrap()
+        .data;
+    let evaluated = events
+        .iter()
+        .find(|e| e.data.as_ref().is_some_and(|d| d["step"] == 7))
+        .expect("step 7 is evaluated, so it has a metrics event");
+    let data = evaluated.data.as_ref().unwrap();
+
+    assert_eq!(evaluated.event_type, studio_store::EventType::Metrics);
+    assert_eq!(data["valid_loss"], 2.5);
+    assert_eq!(data["valid_mean_token_accuracy"], 0.625);
+    assert_eq!(data["train_mean_token_accuracy"], 0.5);
+    assert_eq!(data["total_steps"], 50);
+    assert!(
+        evaluated.message.contains("validation loss=2.5000"),
+        "{}",
+        evaluated.message
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn reclaimed_job_resumes_from_latest_checkpoint(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup.queue_job("tiny").await;
+    let store = &setup.services.store;
+    store
+        .claim_job("crashed-worker", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    for (step, state) in [(2, b"{\"step\":2}".as_slice()), (4, TRAINER_STATE)] {
+        let prefix = checkpoint_prefix(&id, step);
+        let artifacts = &setup.services.artifacts;
+        artifacts
+            .put_bytes(&format!("{prefix}/trainer_state.json"), state)
+            .await
+            .unwrap();
+        artifacts
+            .put_bytes(
+                &format!("{prefix}/adapter_model.safetensors"),
+                ADAPTER_WEIGHTS,
+            )
+            .await
+            .unwrap();
+        let checkpoint = NewCheckpoint {
+            id: CheckpointId::new(),
+            job_id: id.clone(),
+            step,
+            metrics: json!({"step": step}),
+            artifact_key: prefix,
+        };
+        store
+            .insert_checkpoint("crashed-worker", &checkpoint)
+            .await
+            .unwrap();
+    }
+    store.release_job(&id, "crashed-worker").await.unwrap();
+
+    let (worker, seen) = setup.recording_worker(Behaviour::Succeed { steps: 6 });
+    worker.run_next_job(not_stopped()).await.unwrap();
+    let seen = seen.lock().unwrap().clone().expect("the trainer ran");
+    let events = setup.event_messages(&id).await;
+
+    assert_eq!(
+        seen.resumed_state.as_deref(),
+        Some(std::str::from_utf8(TRAINER_STATE).unwrap())
+    );
+    assert!(
+        events.iter().any(|m| m == "Resuming from step 4"),
+        "{events:?}"
+    );
+    assert_eq!(
+        store.get_job(&id).await.unwrap().status,
+        JobStatus::Succeeded
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn fresh_job_starts_without_resume(pool: PgPool) {
+    let setup = setup(pool).await;
+    setup.queue_job("tiny").await;
+
+    let (worker, seen) = setup.recording_worker(Behaviour::Succeed { steps: 1 });
+    worker.run_next_job(not_stopped()).await.unwrap();
+    let seen = seen.lock().unwrap().clone().expect("the trainer ran");
+
+    assert_eq!(seen.resumed_state, None);
+    assert!(seen.has_checkpoint_dir);
+    assert!(seen.export_merged);
+    assert_eq!(seen.validation_examples, None);
+    assert_eq!(seen.settings.n_checkpoints, 1);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn full_job_maps_through_and_stores_model(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup
+        .queue_job_with(json!({
+            "model": "tiny",
+            "training_type": {"type": "full"},
+            "hyperparameters": {"gradient_accumulation_steps": 2, "lr_scheduler": "cosine"},
+        }))
+        .await;
+
+    let (worker, seen) = setup.recording_worker(Behaviour::Succeed { steps: 3 });
+    worker.run_next_job(not_stopped()).await.unwrap();
+    let seen = seen.lock().unwrap().clone().expect("the trainer ran");
+    let artifacts = &setup.services.artifacts;
+    let model = artifacts
+        .list(&format!("jobs/{id}/final/model"))
+        .await
+        .unwrap();
+    let adapter = artifacts
+        .list(&format!("jobs/{id}/final/adapter"))
+        .await
+        .unwrap();
+
+    assert_eq!(seen.approach, Approach::Full);
+    assert_eq!(seen.settings.learning_rate, 2e-5);
+    assert_eq!(seen.settings.gradient_accumulation_steps, 2);
+    assert_eq!(seen.settings.lr_scheduler, studio_train::DecayKind::Cosine);
+    assert_eq!(
+        model,
+        [
+            ("config.json".to_owned(), 2),
+            ("model.safetensors".to_owned(), MODEL_WEIGHTS.len() as u64)
+        ]
+    );
+    assert!(adapter.is_empty());
+    assert_eq!(
+        setup.services.store.get_job(&id).await.unwrap().status,
+        JobStatus::Succeeded
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn validation_file_is_passed_to_trainer(pool: PgPool) {
+    let setup = setup(pool).await;
+    let validation = setup.uploaded_file().await;
+    let id = setup
+        .queue_job_with(json!({"model": "tiny", "validation_file": validation.as_str()}))
+        .await;
+
+    let (worker, seen) = setup.recording_worker(Behaviour::Succeed { steps: 1 });
+    worker.run_next_job(not_stopped()).await.unwrap();
+    let seen = seen.lock().unwrap().clone().expect("the trainer ran");
+    let events = setup.event_messages(&id).await;
+
+    assert_eq!(seen.validation_examples, Some(2));
+    assert!(
+        events
+            .iter()
+            .any(|m| m == "Read 2 validation examples in the chat format"),
+        "{events:?}"
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn success_stores_merged_model_and_results_csv(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup.queue_job("tiny").await;
+
+    setup
+        .worker(Behaviour::Succeed { steps: 2 })
+        .run_next_job(not_stopped())
+        .await
+        .unwrap();
+    let artifacts = &setup.services.artifacts;
+    let merged = artifacts
+        .list(&format!("jobs/{id}/final/merged"))
+        .await
+        .unwrap();
+    let csv = String::from_utf8(artifacts.read(&results_csv_key(&id)).await.unwrap()).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+
+    assert_eq!(merged.len(), 2);
+    assert_eq!(lines.len(), 3, "{csv}");
+    assert!(
+        lines[0].starts_with("step,epoch,train_loss,train_mean_token_accuracy,valid_loss"),
+        "{csv}"
+    );
+    assert!(lines[2].starts_with("2,1,1.5,0.5,,"), "{csv}");
 }
