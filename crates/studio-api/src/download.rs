@@ -1,4 +1,5 @@
-//! `/v1/fine_tuning/jobs/{id}/download`: a job's artifact as a tar archive, streamed.
+//! `/v1/fine_tuning/jobs/{id}/download`: a job's artifact or a checkpoint's weights as a tar
+//! archive, streamed.
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
@@ -9,15 +10,20 @@ use axum::routing::get;
 use axum::Router;
 use futures::stream::{self, StreamExt};
 use serde::Deserialize;
-use studio_core::JobStatus;
-use studio_store::keys::{final_adapter_key, ADAPTER_FILES};
-use studio_store::{Services, StoreError};
+use studio_core::spec::TrainingType;
+use studio_core::{CheckpointId, JobSpec, JobStatus};
+use studio_store::keys::{final_artifact_prefix, ADAPTER_FILES};
+use studio_store::{JobRecord, Services, StoreError};
 use tokio_util::io::ReaderStream;
 
 use crate::error::ApiError;
 use crate::jobs::find_job;
 
 const TAR_BLOCK: u64 = 512;
+/// Every artifact name the route knows.
+const ARTIFACTS: [&str; 3] = ["adapter", "merged", "model"];
+/// The weights file of a full fine-tuning checkpoint.
+const FULL_CHECKPOINT_WEIGHTS: &str = "model.safetensors";
 
 pub fn router() -> Router<Services> {
     Router::new().route("/v1/fine_tuning/jobs/{job_id}/download", get(download))
@@ -26,6 +32,22 @@ pub fn router() -> Router<Services> {
 #[derive(Debug, Deserialize)]
 struct DownloadQuery {
     artifact: Option<String>,
+    /// A `ftckpt-` id of the job; without it, the final artifact.
+    checkpoint: Option<String>,
+}
+
+/// The artifacts a job of this spec produces; the first is the default download.
+fn artifacts_of(spec: &JobSpec) -> &'static [&'static str] {
+    match spec.training_type {
+        TrainingType::Lora(_) => &["adapter", "merged"],
+        TrainingType::Full => &["model"],
+    }
+}
+
+/// One file of the archive: its name inside the archive and its artifact key.
+struct Entry {
+    name: String,
+    key: String,
 }
 
 async fn download(
@@ -33,49 +55,158 @@ async fn download(
     Path(job_id): Path<String>,
     query: Result<Query<DownloadQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let artifact = query?.0.artifact.unwrap_or_else(|| "adapter".into());
-    check_artifact(&artifact)?;
+    let query = query?.0;
     let job = find_job(&services, &job_id).await?;
+    let available = artifacts_of(&job.spec);
+    let artifact = query.artifact.as_deref().unwrap_or(available[0]);
+    check_artifact(&job, artifact, available)?;
+
+    let (entries, archive_name) = match query.checkpoint.as_deref() {
+        Some(checkpoint) => checkpoint_entries(&services, &job, artifact, checkpoint).await?,
+        None => final_entries(&services, &job, artifact).await?,
+    };
+    tar_response(&services, &job, entries, &archive_name).await
+}
+
+fn check_artifact(job: &JobRecord, artifact: &str, available: &[&str]) -> Result<(), ApiError> {
+    if !ARTIFACTS.contains(&artifact) {
+        return Err(ApiError::invalid(
+            format!(
+                "unknown artifact {artifact:?}; expected one of: {}",
+                ARTIFACTS.join(", ")
+            ),
+            Some("artifact"),
+            "invalid_value",
+        ));
+    }
+    if !available.contains(&artifact) {
+        return Err(ApiError::invalid(
+            format!(
+                "fine-tuning job {} has no '{artifact}' artifact; it has: {}",
+                job.id,
+                available.join(", ")
+            ),
+            Some("artifact"),
+            "artifact_not_available",
+        ));
+    }
+    Ok(())
+}
+
+/// Lists the files of the final artifact of a succeeded job, shards included.
+async fn final_entries(
+    services: &Services,
+    job: &JobRecord,
+    artifact: &str,
+) -> Result<(Vec<Entry>, String), ApiError> {
     if job.status != JobStatus::Succeeded {
         return Err(ApiError::invalid(
             format!(
-                "fine-tuning job {} has no adapter yet: it is {}; download after it has succeeded",
+                "fine-tuning job {} has no {artifact} yet: it is {}; download after it has succeeded, or pass checkpoint=ftckpt-…",
                 job.id, job.status
             ),
             Some("artifact"),
             "artifact_not_ready",
         ));
     }
+    let prefix = final_artifact_prefix(&job.id, artifact);
+    let files = services.artifacts.list(&prefix).await?;
+    if files.is_empty() {
+        return Err(ApiError::not_found(
+            format!(
+                "the {artifact} of fine-tuning job {} is missing from storage",
+                job.id
+            ),
+            Some("artifact"),
+        ));
+    }
+    let entries = files
+        .into_iter()
+        .map(|(name, _)| Entry {
+            key: format!("{prefix}/{name}"),
+            name,
+        })
+        .collect();
+    Ok((entries, format!("{}-{artifact}.tar", job.id)))
+}
 
-    let mut entries = Vec::with_capacity(ADAPTER_FILES.len());
-    // The adapter files sit at the root of the archive, as PEFT loads them from a folder.
-    for name in ADAPTER_FILES {
+/// Lists the weight files of a checkpoint: the adapter of a LoRA job, the model weights of a
+/// full one. Optimizer moments and trainer state stay out, since only resuming needs them.
+async fn checkpoint_entries(
+    services: &Services,
+    job: &JobRecord,
+    artifact: &str,
+    checkpoint: &str,
+) -> Result<(Vec<Entry>, String), ApiError> {
+    let not_found = || {
+        ApiError::not_found(
+            format!("checkpoint {checkpoint} of fine-tuning job {} not found; list them with GET /v1/fine_tuning/jobs/{}/checkpoints", job.id, job.id),
+            Some("checkpoint"),
+        )
+    };
+    let id = CheckpointId::parse(checkpoint).map_err(|_| not_found())?;
+    let checkpoint = match services.store.get_checkpoint(&job.id, &id).await {
+        Ok(checkpoint) => checkpoint,
+        Err(StoreError::NotFound { .. }) => return Err(not_found()),
+        Err(err) => return Err(err.into()),
+    };
+    let names: &[&str] = match artifact {
+        "adapter" => &ADAPTER_FILES,
+        "model" => &[FULL_CHECKPOINT_WEIGHTS],
+        other => {
+            return Err(ApiError::invalid(
+                format!("checkpoints hold no '{other}' artifact; use artifact=adapter, or download the final merged model without checkpoint"),
+                Some("artifact"),
+                "artifact_not_available",
+            ))
+        }
+    };
+    let entries = names
+        .iter()
+        .map(|name| Entry {
+            name: (*name).to_owned(),
+            key: format!("{}/{name}", checkpoint.artifact_key),
+        })
+        .collect();
+    let archive_name = format!("{}-step-{}-{artifact}.tar", job.id, checkpoint.step);
+    Ok((entries, archive_name))
+}
+
+/// Streams `entries` as a tar archive with their names at its root.
+async fn tar_response(
+    services: &Services,
+    job: &JobRecord,
+    entries: Vec<Entry>,
+    archive_name: &str,
+) -> Result<Response, ApiError> {
+    let mut opened = Vec::with_capacity(entries.len());
+    for entry in entries {
         let (file, len) = services
             .artifacts
-            .open(&final_adapter_key(&job.id, name))
+            .open(&entry.key)
             .await
             .map_err(|err| match err {
                 StoreError::NotFound { .. } => ApiError::not_found(
                     format!(
-                        "the adapter of fine-tuning job {} is missing its {name}",
-                        job.id
+                        "the artifact of fine-tuning job {} is missing its {}",
+                        job.id, entry.name
                     ),
                     Some("artifact"),
                 ),
                 other => other.into(),
             })?;
-        entries.push((name, file, len));
+        opened.push((entry.name, file, len));
     }
 
     let mtime = job.finished_at.unwrap_or(job.created_at).timestamp().max(0) as u64;
-    let content_length: u64 = entries
+    let content_length: u64 = opened
         .iter()
         .map(|(_, _, len)| TAR_BLOCK + padded(*len))
         .sum::<u64>()
         + 2 * TAR_BLOCK;
     let mut body = stream::empty().boxed();
-    for (name, file, len) in entries {
-        let header = tar_header(name, len, mtime)?;
+    for (name, file, len) in opened {
+        let header = tar_header(&name, len, mtime)?;
         let padding = Bytes::from(vec![0u8; (padded(len) - len) as usize]);
         body = body
             .chain(stream::iter([Ok(header)]))
@@ -96,26 +227,10 @@ async fn download(
         (header::CONTENT_LENGTH, content_length.to_string()),
         (
             header::CONTENT_DISPOSITION,
-            format!("attachment; filename=\"{}-adapter.tar\"", job.id),
+            format!("attachment; filename=\"{archive_name}\""),
         ),
     ];
     Ok((headers, Body::from_stream(body)).into_response())
-}
-
-fn check_artifact(artifact: &str) -> Result<(), ApiError> {
-    match artifact {
-        "adapter" => Ok(()),
-        "merged" | "model" => Err(ApiError::invalid(
-            format!("artifact '{artifact}' is not supported yet; use artifact=adapter"),
-            Some("artifact"),
-            "unsupported_value",
-        )),
-        other => Err(ApiError::invalid(
-            format!("unknown artifact {other:?}; expected one of: adapter, merged, model"),
-            Some("artifact"),
-            "invalid_value",
-        )),
-    }
 }
 
 /// Rounds the size of a tar entry's data up to whole blocks.

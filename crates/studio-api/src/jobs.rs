@@ -61,13 +61,7 @@ async fn create_job(
     State(services): State<Services>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let body: Value = serde_json::from_slice(&body).map_err(|err| {
-        ApiError::invalid(
-            format!("the request body is not valid JSON: {err}"),
-            None,
-            "invalid_json",
-        )
-    })?;
+    let body = parse_json_body(&body)?;
     let spec = JobSpec::parse(&body, random_seed())?;
 
     services.models.resolve(&spec.model)?;
@@ -99,8 +93,18 @@ async fn create_job(
     Ok(Json(job_object(&job)))
 }
 
+pub fn parse_json_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|err| {
+        ApiError::invalid(
+            format!("the request body is not valid JSON: {err}"),
+            None,
+            "invalid_json",
+        )
+    })
+}
+
 /// Checks that `id` names an uploaded fine-tune file; the error lists recent ones.
-async fn check_file(
+pub async fn check_file(
     services: &Services,
     id: &FileId,
     param: &str,

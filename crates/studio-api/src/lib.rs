@@ -2,8 +2,10 @@
 //!
 //! [`app`] builds the whole router with its middleware; tests call it without a socket.
 
+mod checkpoints;
 mod download;
 mod error;
+mod estimate;
 mod events;
 mod files;
 mod health;
@@ -32,7 +34,9 @@ pub fn app(services: Services) -> Router {
         .merge(jobs::router())
         .merge(events::router())
         .merge(metrics::router())
+        .merge(checkpoints::router())
         .merge(download::router())
+        .merge(estimate::router())
         .merge(models::router())
         .merge(health::router())
         .fallback(unknown_route)

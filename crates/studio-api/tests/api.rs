@@ -635,7 +635,9 @@ async fn metrics_are_listed_by_step(pool: PgPool) {
             step,
             epoch: step as f64 / 4.0,
             train_loss: 3.0 - step as f64 * 0.5,
+            train_mean_token_accuracy: None,
             valid_loss: None,
+            valid_mean_token_accuracy: None,
             learning_rate: 1e-4,
             grad_norm: 1.0,
             tokens_per_second: 50.0,
@@ -708,4 +710,369 @@ async fn openapi_operations_are_routed(pool: PgPool) {
             || !response.error_message().starts_with("unknown route");
         assert!(routed, "{method} {uri} is documented but not routed");
     }
+}
+
+/// Claims the queued job `id` as worker `w1` and registers a LoRA checkpoint at each step, with
+/// adapter files, optimizer state and trainer state uploaded as the worker stores them.
+async fn job_with_checkpoints(app: &TestApp, id: &JobId, steps: &[u64]) -> Vec<String> {
+    let store = &app.services.store;
+    store
+        .claim_job("w1", std::time::Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ids = Vec::new();
+    for &step in steps {
+        let prefix = studio_store::keys::checkpoint_prefix(id, step);
+        for (name, content) in [
+            ("adapter_config.json", format!("{{\"step\":{step}}}")),
+            ("adapter_model.safetensors", format!("weights at {step}")),
+            ("optimizer.safetensors", "moments".to_owned()),
+            ("trainer_state.json", "{}".to_owned()),
+        ] {
+            app.services
+                .artifacts
+                .put_bytes(&format!("{prefix}/{name}"), content.as_bytes())
+                .await
+                .unwrap();
+        }
+        let checkpoint = studio_store::NewCheckpoint {
+            id: studio_core::CheckpointId::new(),
+            job_id: id.clone(),
+            step,
+            metrics: json!({"step": step, "train_loss": 1.0, "valid_loss": null}),
+            artifact_key: prefix,
+        };
+        let saved = store.insert_checkpoint("w1", &checkpoint).await.unwrap();
+        ids.push(saved.id.to_string());
+    }
+    ids
+}
+
+fn untar(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut archive = tar::Archive::new(bytes);
+    let mut entries = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut content = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut content).unwrap();
+        entries.push((name, content));
+    }
+    entries
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn checkpoints_are_listed_newest_first(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+    let id = JobId::parse(app.created_job(&file_id).await["id"].as_str().unwrap()).unwrap();
+    let ids = job_with_checkpoints(&app, &id, &[5, 10, 15]).await;
+
+    let first = app
+        .get(&format!("/v1/fine_tuning/jobs/{id}/checkpoints?limit=2"))
+        .await
+        .json();
+    let after = first["data"][1]["id"].as_str().unwrap().to_owned();
+    let second = app
+        .get(&format!(
+            "/v1/fine_tuning/jobs/{id}/checkpoints?limit=2&after={after}"
+        ))
+        .await
+        .json();
+    let newest = &first["data"][0];
+
+    assert_eq!(first["object"], "list");
+    assert_eq!(first["has_more"], true);
+    assert_eq!(newest["object"], "fine_tuning.job.checkpoint");
+    assert_eq!(newest["id"], ids[2]);
+    assert_eq!(newest["step_number"], 15);
+    assert_eq!(newest["fine_tuning_job_id"], id.as_str());
+    assert_eq!(
+        newest["fine_tuned_model_checkpoint"],
+        format!("ft:tiny:studio:{id}:ckpt-step-15")
+    );
+    assert_eq!(newest["metrics"]["train_loss"], 1.0);
+    assert!(newest["created_at"].is_i64());
+    assert_eq!(first["data"][1]["step_number"], 10);
+    assert_eq!(second["data"].as_array().unwrap().len(), 1);
+    assert_eq!(second["data"][0]["step_number"], 5);
+    assert_eq!(second["has_more"], false);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn checkpoint_download_serves_adapter_only(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+    let id = JobId::parse(app.created_job(&file_id).await["id"].as_str().unwrap()).unwrap();
+    let ids = job_with_checkpoints(&app, &id, &[3, 6]).await;
+
+    let response = app
+        .get(&format!(
+            "/v1/fine_tuning/jobs/{id}/download?artifact=adapter&checkpoint={}",
+            ids[0]
+        ))
+        .await;
+    let merged = app
+        .get(&format!(
+            "/v1/fine_tuning/jobs/{id}/download?artifact=merged&checkpoint={}",
+            ids[0]
+        ))
+        .await;
+    let unknown = app
+        .get(&format!(
+            "/v1/fine_tuning/jobs/{id}/download?checkpoint=ftckpt-nope"
+        ))
+        .await;
+
+    assert_eq!(
+        response.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&response.body)
+    );
+    assert_eq!(
+        response.headers[header::CONTENT_LENGTH],
+        response.body.len().to_string()
+    );
+    assert_eq!(
+        untar(&response.body),
+        vec![
+            ("adapter_config.json".to_owned(), b"{\"step\":3}".to_vec()),
+            (
+                "adapter_model.safetensors".to_owned(),
+                b"weights at 3".to_vec()
+            ),
+        ]
+    );
+    assert_eq!(merged.status, StatusCode::BAD_REQUEST);
+    assert_eq!(merged.json()["error"]["param"], "artifact");
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(unknown.json()["error"]["param"], "checkpoint");
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn artifact_the_job_lacks_is_rejected(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+    let lora = app.created_job(&file_id).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let full = app
+        .post_json(
+            "/v1/fine_tuning/jobs",
+            json!({"model": "tiny", "training_file": file_id, "training_type": {"type": "full"}}),
+        )
+        .await
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let model_of_lora = app
+        .get(&format!(
+            "/v1/fine_tuning/jobs/{lora}/download?artifact=model"
+        ))
+        .await;
+    let adapter_of_full = app
+        .get(&format!(
+            "/v1/fine_tuning/jobs/{full}/download?artifact=adapter"
+        ))
+        .await;
+
+    assert_eq!(model_of_lora.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        model_of_lora.json()["error"]["code"],
+        "artifact_not_available"
+    );
+    assert!(
+        model_of_lora
+            .error_message()
+            .contains("it has: adapter, merged"),
+        "{}",
+        model_of_lora.error_message()
+    );
+    assert_eq!(adapter_of_full.status, StatusCode::BAD_REQUEST);
+    assert!(
+        adapter_of_full.error_message().contains("it has: model"),
+        "{}",
+        adapter_of_full.error_message()
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn full_job_downloads_sharded_model(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+    let response = app
+        .post_json(
+            "/v1/fine_tuning/jobs",
+            json!({"model": "tiny", "training_file": file_id, "training_type": {"type": "full"}}),
+        )
+        .await;
+    let id = JobId::parse(response.json()["id"].as_str().unwrap()).unwrap();
+    let store = &app.services.store;
+    store
+        .claim_job("w1", std::time::Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let prefix = studio_store::keys::final_artifact_prefix(&id, "model");
+    let files = [
+        ("config.json", b"{}".to_vec()),
+        ("model-00001-of-00002.safetensors", vec![1u8; 700]),
+        ("model-00002-of-00002.safetensors", vec![2u8; 300]),
+        (
+            "model.safetensors.index.json",
+            b"{\"weight_map\":{}}".to_vec(),
+        ),
+    ];
+    for (name, content) in &files {
+        app.services
+            .artifacts
+            .put_bytes(&format!("{prefix}/{name}"), content)
+            .await
+            .unwrap();
+    }
+    store
+        .complete_job(&id, "w1", &format!("ft:tiny:studio:{id}"), 10)
+        .await
+        .unwrap();
+
+    let response = app
+        .get(&format!("/v1/fine_tuning/jobs/{id}/download"))
+        .await;
+
+    assert_eq!(response.status, StatusCode::OK);
+    let expected: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|(name, content)| (name.to_string(), content.clone()))
+        .collect();
+    assert_eq!(untar(&response.body), expected);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn metrics_include_token_accuracy(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+    let id = JobId::parse(app.created_job(&file_id).await["id"].as_str().unwrap()).unwrap();
+    app.services
+        .store
+        .claim_job("w1", std::time::Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let point = |step: u64, valid: Option<(f64, f64)>| studio_store::MetricPoint {
+        step,
+        epoch: 0.5,
+        train_loss: 2.0,
+        train_mean_token_accuracy: Some(0.25),
+        valid_loss: valid.map(|v| v.0),
+        valid_mean_token_accuracy: valid.map(|v| v.1),
+        learning_rate: 1e-4,
+        grad_norm: 1.0,
+        tokens_per_second: 10.0,
+        trained_tokens: step,
+    };
+    app.services
+        .store
+        .insert_metrics(&id, "w1", &[point(1, None), point(2, Some((1.5, 0.75)))])
+        .await
+        .unwrap();
+
+    let metrics = app
+        .get(&format!("/v1/fine_tuning/jobs/{id}/metrics"))
+        .await
+        .json();
+
+    assert_eq!(metrics["data"][0]["train_mean_token_accuracy"], 0.25);
+    assert_eq!(metrics["data"][0]["valid_loss"], Value::Null);
+    assert_eq!(metrics["data"][0]["valid_mean_token_accuracy"], Value::Null);
+    assert_eq!(metrics["data"][1]["valid_loss"], 1.5);
+    assert_eq!(metrics["data"][1]["valid_mean_token_accuracy"], 0.75);
+}
+
+/// The demo model, linked into the test's models folder. Panics when it is missing, so a
+/// machine without it fails the test instead of skipping it.
+fn link_real_model(app: &TestApp) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = std::env::var_os("STUDIO_TEST_MODELS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo.join("models"));
+    let model = dir.join("smollm2-135m-instruct.gguf");
+    assert!(
+        model.is_file(),
+        "the model file {} is missing: run `cargo run -p smart-studio -- fetch-model` at the repository root",
+        model.display()
+    );
+    let link = app.services.models.dir().join("smollm2-135m-instruct.gguf");
+    std::os::unix::fs::symlink(model.canonicalize().unwrap(), link).unwrap();
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn estimate_counts_smollm2_lora_parameters(pool: PgPool) {
+    let app = test_app(pool);
+    link_real_model(&app);
+    let file_id = app.uploaded_file_id().await;
+
+    let response = app
+        .post_json(
+            "/v1/fine_tuning/estimate",
+            json!({
+                "model": "smollm2-135m-instruct",
+                "training_file": file_id,
+                "hyperparameters": {"n_epochs": 2, "batch_size": 1},
+                "training_type": {"type": "lora", "r": 8},
+                "measure_steps": 0,
+            }),
+        )
+        .await;
+    let estimate = response.json();
+
+    assert_eq!(response.status, StatusCode::OK, "{estimate}");
+    assert_eq!(estimate["object"], "fine_tuning.estimate");
+    assert_eq!(estimate["trainable_parameters"], 921_600);
+    let percent = estimate["trainable_percent"].as_f64().unwrap();
+    assert!((percent - 0.685).abs() < 5e-4, "{percent}");
+    assert_eq!(estimate["examples"], 2);
+    assert_eq!(estimate["steps_per_epoch"], 2);
+    assert_eq!(estimate["total_steps"], 4);
+    assert_eq!(estimate["seconds_per_step"], Value::Null);
+    assert!(estimate["estimated_peak_memory_bytes"].as_u64().unwrap() > 0);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn estimate_validates_like_create(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+
+    let bad_knob = app
+        .post_json(
+            "/v1/fine_tuning/estimate",
+            json!({"model": "tiny", "training_file": file_id, "hyperparameters": {"warmup_ratio": 1}}),
+        )
+        .await;
+    let bad_steps = app
+        .post_json(
+            "/v1/fine_tuning/estimate",
+            json!({"model": "tiny", "training_file": file_id, "measure_steps": 6}),
+        )
+        .await;
+    let unknown_model = app
+        .post_json(
+            "/v1/fine_tuning/estimate",
+            json!({"model": "huge", "training_file": file_id}),
+        )
+        .await;
+
+    assert_eq!(bad_knob.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        bad_knob.json()["error"]["param"],
+        "hyperparameters.warmup_ratio"
+    );
+    assert_eq!(bad_steps.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad_steps.json()["error"]["param"], "measure_steps");
+    assert_eq!(unknown_model.status, StatusCode::BAD_REQUEST);
+    assert_eq!(unknown_model.json()["error"]["param"], "model");
 }

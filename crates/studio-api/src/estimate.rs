@@ -1,0 +1,121 @@
+//! `/v1/fine_tuning/estimate`: a dry run of a job create request. It reports what the job would
+//! train, its tokens and steps, an estimate of its peak memory and, on request, a measured step
+//! time, without queueing anything.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::Value;
+use studio_core::dataset::parse_dataset;
+use studio_core::JobSpec;
+use studio_store::keys::file_key;
+use studio_store::Services;
+use studio_train::{EventLevel, StepMetrics, TrainError, TrainObserver};
+use studio_worker::plan::{approach, train_settings};
+
+use crate::error::ApiError;
+use crate::jobs::{check_file, parse_json_body};
+
+/// Most optimizer steps a request may time; each takes as long as a real training step.
+pub const MAX_MEASURE_STEPS: u64 = 5;
+/// The seed of a request without one; it only affects the measured steps.
+const DEFAULT_SEED: u64 = 0;
+
+pub fn router() -> Router<Services> {
+    Router::new().route("/v1/fine_tuning/estimate", post(estimate))
+}
+
+async fn estimate(State(services): State<Services>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let mut body = parse_json_body(&body)?;
+    let measure_steps = take_measure_steps(&mut body)?;
+    let spec = JobSpec::parse(&body, DEFAULT_SEED)?;
+
+    let model = services.models.resolve(&spec.model)?;
+    check_file(&services, &spec.training_file, "training_file").await?;
+    if let Some(validation_file) = &spec.validation_file {
+        check_file(&services, validation_file, "validation_file").await?;
+    }
+    let bytes = services
+        .artifacts
+        .read(&file_key(&spec.training_file))
+        .await?;
+
+    let estimate = tokio::task::spawn_blocking(move || {
+        let (conversations, _) = parse_dataset(&bytes).map_err(|err| {
+            ApiError::invalid(
+                format!("training file {}: {err}", spec.training_file),
+                Some("training_file"),
+                "invalid_training_file",
+            )
+        })?;
+        let mut observer = WarningCollector::default();
+        let estimate = studio_train::estimate::estimate(
+            &model.path,
+            &conversations,
+            &approach(&spec),
+            &train_settings(&spec),
+            measure_steps as usize,
+            &mut observer,
+        )
+        .map_err(train_error)?;
+        Ok::<_, ApiError>((estimate, observer.warnings))
+    })
+    .await
+    .map_err(ApiError::internal)??;
+
+    let (estimate, warnings) = estimate;
+    let mut object = serde_json::to_value(&estimate).map_err(ApiError::internal)?;
+    object["object"] = "fine_tuning.estimate".into();
+    object["warnings"] = warnings.into();
+    Ok(Json(object))
+}
+
+/// Removes the estimate's own `measure_steps` from the body, so the rest parses as a job.
+fn take_measure_steps(body: &mut Value) -> Result<u64, ApiError> {
+    let Some(object) = body.as_object_mut() else {
+        return Ok(0);
+    };
+    match object.remove("measure_steps") {
+        None | Some(Value::Null) => Ok(0),
+        Some(value) => match value.as_u64() {
+            Some(steps) if steps <= MAX_MEASURE_STEPS => Ok(steps),
+            _ => Err(ApiError::invalid(
+                format!("invalid 'measure_steps' {value}: expected an integer from 0 to {MAX_MEASURE_STEPS}"),
+                Some("measure_steps"),
+                "invalid_value",
+            )),
+        },
+    }
+}
+
+fn train_error(err: TrainError) -> ApiError {
+    match err {
+        TrainError::InvalidData { message, param } => ApiError::InvalidRequest {
+            message,
+            param,
+            code: Some("invalid_training_file"),
+        },
+        other => ApiError::internal(other),
+    }
+}
+
+/// Keeps the trainer's warnings (examples dropped as too long, for example) for the response.
+#[derive(Default)]
+struct WarningCollector {
+    warnings: Vec<String>,
+}
+
+impl TrainObserver for WarningCollector {
+    fn on_step(&mut self, _metrics: &StepMetrics) {}
+
+    fn on_event(&mut self, level: EventLevel, message: &str) {
+        if level != EventLevel::Info {
+            self.warnings.push(message.to_owned());
+        }
+    }
+
+    fn should_cancel(&mut self) -> bool {
+        false
+    }
+}
