@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::jobs::find_job;
 
 const TAR_BLOCK: u64 = 512;
-/// Every artifact name the route knows.
+/// Every artifact name the route accepts.
 const ARTIFACTS: [&str; 3] = ["adapter", "merged", "model"];
 /// The weights file of a full fine-tuning checkpoint.
 const FULL_CHECKPOINT_WEIGHTS: &str = "model.safetensors";
@@ -36,7 +36,7 @@ struct DownloadQuery {
     checkpoint: Option<String>,
 }
 
-/// The artifacts a job of this spec produces; the first is the default download.
+/// Returns the artifacts a job of this spec produces; the first is the default download.
 fn artifacts_of(spec: &JobSpec) -> &'static [&'static str] {
     match spec.training_type {
         TrainingType::Lora(_) => &["adapter", "merged"],

@@ -17,7 +17,7 @@ use studio_worker::plan::{approach, train_settings};
 use crate::error::ApiError;
 use crate::jobs::{check_file, parse_json_body};
 
-/// Most optimizer steps a request may time; each takes as long as a real training step.
+/// The maximum number of optimizer steps a request may time; each takes as long as a real step.
 pub const MAX_MEASURE_STEPS: u64 = 5;
 /// The seed of a request without one; it only affects the measured steps.
 const DEFAULT_SEED: u64 = 0;

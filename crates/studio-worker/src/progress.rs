@@ -79,7 +79,7 @@ impl TrainObserver for ChannelObserver {
     }
 }
 
-/// Where the writer task puts what it receives.
+/// The destinations of the writer task: the store, the artifact store and the job it writes for.
 pub struct ProgressSink {
     pub store: Arc<dyn Store>,
     pub artifacts: Arc<ArtifactStore>,
