@@ -103,7 +103,7 @@ pub struct WorkerArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Passes over the example dataset.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub n_epochs: u32,
 
     /// Conversations per optimizer step.
@@ -111,7 +111,7 @@ pub struct DemoArgs {
     pub batch_size: u32,
 
     /// Peak learning rate of AdamW.
-    #[arg(long, default_value_t = 1e-3, value_parser = positive_number)]
+    #[arg(long, default_value_t = 2e-3, value_parser = positive_number)]
     pub learning_rate: f64,
 
     /// Tokens per conversation; longer ones are truncated.
