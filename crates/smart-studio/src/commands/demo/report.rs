@@ -9,8 +9,8 @@ use super::client::{Job, Metric};
 
 const BAR_WIDTH: f64 = 40.0;
 
-/// Prints one line per step with a bar proportional to `train_loss`, then the change from the
-/// first to the last step.
+/// Prints one line per step with a bar proportional to `train_loss`, then the mean loss of each
+/// epoch and its change from the first epoch to the last.
 pub fn print_loss_curve(metrics: &[Metric]) {
     let (Some(first), Some(last)) = (metrics.first(), metrics.last()) else {
         println!("The job recorded no metrics.");
@@ -43,7 +43,7 @@ pub fn print_loss_curve(metrics: &[Metric]) {
         first.train_loss, last.train_loss
     );
 
-    // Each epoch sees every example once, so epoch means compare like with like, while single
+    // Each epoch trains on every example once, so epoch means compare like with like, while single
     // batches differ in their examples.
     let epochs = epoch_means(metrics);
     let means: Vec<String> = epochs
