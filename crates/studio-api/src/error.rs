@@ -27,6 +27,9 @@ pub enum ApiError {
         message: String,
         param: Option<String>,
     },
+    /// 405: the route exists but not with this HTTP method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] BoxError),
     #[error("internal server error")]
@@ -62,6 +65,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -77,6 +81,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::NotFound { param, .. } => {
                 ("invalid_request_error", param.clone(), Some("not_found"))
+            }
+            ApiError::MethodNotAllowed(_) => {
+                ("invalid_request_error", None, Some("method_not_allowed"))
             }
             ApiError::Unavailable(_) => ("server_error", None, Some("service_unavailable")),
             ApiError::Internal(_) => ("server_error", None, Some("internal_error")),

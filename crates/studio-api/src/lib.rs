@@ -40,6 +40,8 @@ pub fn app(services: Services) -> Router {
         .merge(models::router())
         .merge(health::router())
         .fallback(unknown_route)
+        // Called after every route is merged, because it applies to the routes present.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(log_server_errors))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
@@ -72,6 +74,15 @@ async fn log_server_errors(request: Request, next: Next) -> Response {
         );
     }
     response
+}
+
+/// Answers a known path with an unsupported method; axum adds the `Allow` header.
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "method {} is not allowed on {}; the Allow header lists the methods it accepts",
+        request.method(),
+        request.uri().path()
+    ))
 }
 
 async fn unknown_route(request: Request) -> ApiError {

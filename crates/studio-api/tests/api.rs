@@ -1076,3 +1076,49 @@ async fn estimate_validates_like_create(pool: PgPool) {
     assert_eq!(unknown_model.status, StatusCode::BAD_REQUEST);
     assert_eq!(unknown_model.json()["error"]["param"], "model");
 }
+
+/// Asserts that a response is OpenAI's error envelope with all four fields.
+fn assert_error_envelope(response: &TestResponse, what: &str) {
+    let body = response.json();
+    let error = &body["error"];
+    assert!(error["message"].is_string(), "{what}: no message in {body}");
+    assert!(error["type"].is_string(), "{what}: no type in {body}");
+    assert!(error.get("param").is_some(), "{what}: no param in {body}");
+    assert!(error.get("code").is_some(), "{what}: no code in {body}");
+    assert!(
+        response.headers.contains_key("x-request-id"),
+        "{what}: no x-request-id"
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn wrong_method_gets_error_envelope(pool: PgPool) {
+    let app = test_app(pool);
+    for (method, uri) in [
+        (Method::DELETE, "/v1/files"),
+        (Method::PUT, "/v1/fine_tuning/jobs"),
+        (Method::POST, "/v1/fine_tuning/jobs/ftjob-x"),
+    ] {
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        let response = app.send(request).await;
+
+        assert_eq!(
+            response.status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {uri}"
+        );
+        assert_error_envelope(&response, uri);
+        assert!(
+            response.error_message().contains(method.as_str()),
+            "{method} {uri}"
+        );
+        assert!(
+            response.headers.contains_key(header::ALLOW),
+            "{method} {uri}"
+        );
+    }
+}
