@@ -1,13 +1,14 @@
 //! `/v1/fine_tuning/jobs/{id}/checkpoints`: the job's checkpoints, latest step first.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use studio_store::{CheckpointRecord, JobRecord, Services};
 
 use crate::error::ApiError;
+use crate::extract::IdPath;
 use crate::jobs::find_job;
 use crate::pagination::{list_object, ListQuery};
 
@@ -33,7 +34,7 @@ pub fn checkpoint_object(job: &JobRecord, checkpoint: &CheckpointRecord) -> Valu
 
 async fn list_checkpoints(
     State(services): State<Services>,
-    Path(job_id): Path<String>,
+    IdPath(job_id): IdPath,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let page = query?.0.page_request()?;

@@ -3,7 +3,7 @@
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,6 +17,7 @@ use studio_store::{JobRecord, Services, StoreError};
 use tokio_util::io::ReaderStream;
 
 use crate::error::ApiError;
+use crate::extract::IdPath;
 use crate::jobs::find_job;
 
 const TAR_BLOCK: u64 = 512;
@@ -52,7 +53,7 @@ struct Entry {
 
 async fn download(
     State(services): State<Services>,
-    Path(job_id): Path<String>,
+    IdPath(job_id): IdPath,
     query: Result<Query<DownloadQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let query = query?.0;

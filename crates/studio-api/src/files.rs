@@ -3,7 +3,7 @@
 use axum::body::Body;
 use axum::extract::multipart::Field;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Multipart, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,6 +17,7 @@ use studio_store::{ArtifactWriter, FileRecord, NewFile, Services};
 use tokio_util::io::ReaderStream;
 
 use crate::error::{parse_path_id, ApiError};
+use crate::extract::IdPath;
 use crate::pagination::{list_object, ListQuery};
 
 /// The maximum upload size, in bytes.
@@ -64,7 +65,7 @@ async fn list_files(
 
 async fn get_file(
     State(services): State<Services>,
-    Path(file_id): Path<String>,
+    IdPath(file_id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_path_id(&file_id, FileId::parse)?;
     let file = services.store.get_file(&id).await?;
@@ -73,7 +74,7 @@ async fn get_file(
 
 async fn file_content(
     State(services): State<Services>,
-    Path(file_id): Path<String>,
+    IdPath(file_id): IdPath,
 ) -> Result<Response, ApiError> {
     let id = parse_path_id(&file_id, FileId::parse)?;
     let file = services.store.get_file(&id).await?;

@@ -2,7 +2,7 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -10,6 +10,7 @@ use studio_core::{FileId, JobId, JobSpec};
 use studio_store::{CancelOutcome, EventLevel, JobRecord, NewEvent, NewJob, PageRequest, Services};
 
 use crate::error::{parse_path_id, ApiError};
+use crate::extract::IdPath;
 use crate::pagination::{list_object, ListQuery};
 
 /// How often a job may be claimed before an expired lease fails it.
@@ -160,7 +161,7 @@ async fn list_jobs(
 
 async fn get_job(
     State(services): State<Services>,
-    Path(job_id): Path<String>,
+    IdPath(job_id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     let job = find_job(&services, &job_id).await?;
     Ok(Json(job_object(&job)))
@@ -168,7 +169,7 @@ async fn get_job(
 
 async fn cancel_job(
     State(services): State<Services>,
-    Path(job_id): Path<String>,
+    IdPath(job_id): IdPath,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_path_id(&job_id, JobId::parse)?;
     let job = match services.store.request_cancel(&id).await? {

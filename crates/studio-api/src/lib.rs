@@ -7,6 +7,7 @@ mod download;
 mod error;
 mod estimate;
 mod events;
+mod extract;
 mod files;
 mod health;
 mod jobs;

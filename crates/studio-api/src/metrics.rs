@@ -1,7 +1,7 @@
 //! `/v1/fine_tuning/jobs/{id}/metrics`: the loss curve, one point per optimizer step.
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use studio_store::{MetricPoint, Services};
 
 use crate::error::ApiError;
+use crate::extract::IdPath;
 use crate::jobs::find_job;
 
 pub fn router() -> Router<Services> {
@@ -39,7 +40,7 @@ fn metric_object(point: &MetricPoint) -> Value {
 
 async fn list_metrics(
     State(services): State<Services>,
-    Path(job_id): Path<String>,
+    IdPath(job_id): IdPath,
     query: Result<Query<MetricsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let max_points = query?.0.max_points;

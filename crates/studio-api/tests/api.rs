@@ -1122,3 +1122,19 @@ async fn wrong_method_gets_error_envelope(pool: PgPool) {
         );
     }
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn non_utf8_path_id_is_not_found(pool: PgPool) {
+    let app = test_app(pool);
+    for uri in [
+        "/v1/files/file-a%FF",
+        "/v1/files/file-a%FF/content",
+        "/v1/fine_tuning/jobs/ftjob-%C3%28",
+        "/v1/fine_tuning/jobs/ftjob-%FF/events",
+    ] {
+        let response = app.get(uri).await;
+
+        assert_eq!(response.status, StatusCode::NOT_FOUND, "{uri}");
+        assert_error_envelope(&response, uri);
+    }
+}
