@@ -1138,3 +1138,21 @@ async fn non_utf8_path_id_is_not_found(pool: PgPool) {
         assert_error_envelope(&response, uri);
     }
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn metadata_with_nul_is_rejected(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+    for metadata in [json!({"team": "a\u{0}b"}), json!({"te\u{0}am": "ab"})] {
+        let response = app
+            .post_json(
+                "/v1/fine_tuning/jobs",
+                json!({"model": "tiny", "training_file": file_id, "metadata": metadata}),
+            )
+            .await;
+
+        assert_eq!(response.status, StatusCode::BAD_REQUEST, "{metadata}");
+        assert_error_envelope(&response, "metadata");
+        assert!(response.error_message().contains("NUL"), "{metadata}");
+    }
+}

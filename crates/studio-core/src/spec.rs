@@ -427,11 +427,18 @@ fn metadata(object: &Map<String, Value>) -> Result<Option<BTreeMap<String, Strin
     }
     let mut metadata = BTreeMap::new();
     for (key, value) in map {
-        let param = format!("metadata.{key}");
         if key.chars().count() > 64 {
             return Err(SpecError::invalid(
-                param,
+                "metadata",
                 "metadata keys must be at most 64 characters long",
+            ));
+        }
+        let param = format!("metadata.{key}");
+        // The job is stored as Postgres JSONB, which cannot hold the NUL character.
+        if key.contains('\0') || matches!(value, Value::String(s) if s.contains('\0')) {
+            return Err(SpecError::invalid(
+                param,
+                "metadata keys and values must not contain the NUL character (\\u0000)",
             ));
         }
         match value {
