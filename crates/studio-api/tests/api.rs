@@ -1156,3 +1156,17 @@ async fn metadata_with_nul_is_rejected(pool: PgPool) {
         assert!(response.error_message().contains("NUL"), "{metadata}");
     }
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn list_after_id_with_nul_is_not_found(pool: PgPool) {
+    let app = test_app(pool);
+    for uri in [
+        "/v1/files?after=file-%00",
+        "/v1/fine_tuning/jobs?after=ftjob-%00",
+    ] {
+        let response = app.get(uri).await;
+
+        assert_eq!(response.status, StatusCode::NOT_FOUND, "{uri}");
+        assert_error_envelope(&response, uri);
+    }
+}

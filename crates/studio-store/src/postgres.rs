@@ -64,6 +64,10 @@ impl PgStore {
         let Some(after) = after else {
             return Ok(i64::MAX);
         };
+        // Postgres text cannot hold NUL, so the query would fail; no stored id contains one.
+        if after.contains('\0') {
+            return Err(StoreError::not_found(entity, after));
+        }
         let sql = format!("SELECT seq FROM {table} WHERE id = $1");
         let seq: Option<i64> = sqlx::query_scalar(&sql)
             .bind(after)

@@ -384,6 +384,24 @@ async fn page_after_unknown_id_is_not_found(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../../migrations")]
+async fn page_after_id_with_nul_is_not_found(pool: PgPool) {
+    let f = fixture(pool).await;
+    let after = PageRequest {
+        after: Some("ftjob-a\0b".into()),
+        limit: 2,
+    };
+    let job_id = f.queue_job().await;
+
+    let files = f.store.list_files(&after).await.unwrap_err();
+    let jobs = f.store.list_jobs(&after).await.unwrap_err();
+    let events = f.store.list_events(&job_id, &after).await.unwrap_err();
+
+    assert!(matches!(files, StoreError::NotFound { .. }), "{files:?}");
+    assert!(matches!(jobs, StoreError::NotFound { .. }), "{jobs:?}");
+    assert!(matches!(events, StoreError::NotFound { .. }), "{events:?}");
+}
+
+#[sqlx::test(migrations = "../../migrations")]
 async fn events_page_newest_first(pool: PgPool) {
     let f = fixture(pool).await;
     let id = f.queue_job().await;
