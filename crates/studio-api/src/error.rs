@@ -30,6 +30,9 @@ pub enum ApiError {
     /// 405: the route exists but not with this HTTP method.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// 413: the request body is larger than the route accepts.
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("the service is temporarily unavailable")]
     Unavailable(#[source] BoxError),
     #[error("internal server error")]
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -85,6 +89,7 @@ impl IntoResponse for ApiError {
             ApiError::MethodNotAllowed(_) => {
                 ("invalid_request_error", None, Some("method_not_allowed"))
             }
+            ApiError::PayloadTooLarge(_) => ("invalid_request_error", None, Some("body_too_large")),
             ApiError::Unavailable(_) => ("server_error", None, Some("service_unavailable")),
             ApiError::Internal(_) => ("server_error", None, Some("internal_error")),
         };

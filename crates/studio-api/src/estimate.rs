@@ -2,7 +2,6 @@
 //! train, its tokens and steps, an estimate of its peak memory and, on request, a measured step
 //! time, without queueing anything.
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
@@ -15,6 +14,7 @@ use studio_train::{EventLevel, StepMetrics, TrainError, TrainObserver};
 use studio_worker::plan::{approach, train_settings};
 
 use crate::error::ApiError;
+use crate::extract::RawBody;
 use crate::jobs::{check_file, parse_json_body};
 
 /// The maximum number of optimizer steps a request may time; each takes as long as a real step.
@@ -26,7 +26,10 @@ pub fn router() -> Router<Services> {
     Router::new().route("/v1/fine_tuning/estimate", post(estimate))
 }
 
-async fn estimate(State(services): State<Services>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn estimate(
+    State(services): State<Services>,
+    RawBody(body): RawBody,
+) -> Result<Json<Value>, ApiError> {
     let mut body = parse_json_body(&body)?;
     let measure_steps = take_measure_steps(&mut body)?;
     let spec = JobSpec::parse(&body, DEFAULT_SEED)?;

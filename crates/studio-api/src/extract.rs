@@ -1,8 +1,11 @@
 //! Extractors whose rejections are [`ApiError`]s, so a malformed request still gets OpenAI's
 //! error envelope instead of axum's plain-text rejection.
 
-use axum::extract::{FromRequestParts, Path};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
+use axum::http::StatusCode;
 
 use crate::error::ApiError;
 
@@ -28,5 +31,34 @@ impl<S: Send + Sync> FromRequestParts<S> for IdPath {
             }
             Err(rejection) => Err(ApiError::internal(rejection)),
         }
+    }
+}
+
+/// The whole request body, limited by the route's `DefaultBodyLimit`.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match Bytes::from_request(request, state).await {
+            Ok(bytes) => Ok(RawBody(bytes)),
+            Err(rejection) => Err(body_error(rejection)),
+        }
+    }
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(format!(
+            "the request body is larger than {} MiB; send a smaller JSON body",
+            crate::MAX_JSON_BODY_BYTES >> 20
+        ))
+    } else {
+        ApiError::invalid(
+            format!("cannot read the request body: {}", rejection.body_text()),
+            None,
+            "invalid_body",
+        )
     }
 }

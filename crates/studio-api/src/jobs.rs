@@ -1,6 +1,5 @@
 //! `/v1/fine_tuning/jobs`: create, list, get and cancel fine-tuning jobs.
 
-use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::routing::{get, post};
@@ -10,7 +9,7 @@ use studio_core::{FileId, JobId, JobSpec};
 use studio_store::{CancelOutcome, EventLevel, JobRecord, NewEvent, NewJob, PageRequest, Services};
 
 use crate::error::{parse_path_id, ApiError};
-use crate::extract::IdPath;
+use crate::extract::{IdPath, RawBody};
 use crate::pagination::{list_object, ListQuery};
 
 /// How often a job may be claimed before an expired lease fails it.
@@ -60,7 +59,7 @@ pub fn job_object(job: &JobRecord) -> Value {
 
 async fn create_job(
     State(services): State<Services>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> Result<Json<Value>, ApiError> {
     let body = parse_json_body(&body)?;
     let spec = JobSpec::parse(&body, random_seed())?;

@@ -15,7 +15,7 @@ mod metrics;
 mod models;
 mod pagination;
 
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderName;
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -25,6 +25,9 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+
+/// The maximum size of a JSON request body, in bytes; uploads have their own limit.
+pub const MAX_JSON_BODY_BYTES: usize = 2 << 20;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -43,6 +46,8 @@ pub fn app(services: Services) -> Router {
         .fallback(unknown_route)
         // Called after every route is merged, because it applies to the routes present.
         .method_not_allowed_fallback(method_not_allowed)
+        // A route's own limit, such as the upload's, wins over this one.
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
         .layer(middleware::from_fn(log_server_errors))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

@@ -1170,3 +1170,33 @@ async fn list_after_id_with_nul_is_not_found(pool: PgPool) {
         assert_error_envelope(&response, uri);
     }
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn oversized_json_body_gets_413_envelope(pool: PgPool) {
+    let app = test_app(pool);
+    let body =
+        json!({"model": "tiny", "metadata": {"a": "x".repeat(studio_api::MAX_JSON_BODY_BYTES)}});
+    for uri in ["/v1/fine_tuning/jobs", "/v1/fine_tuning/estimate"] {
+        let response = app.post_json(uri, body.clone()).await;
+
+        assert_eq!(response.status, StatusCode::PAYLOAD_TOO_LARGE, "{uri}");
+        assert_error_envelope(&response, uri);
+    }
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn upload_may_exceed_json_body_limit(pool: PgPool) {
+    let app = test_app(pool);
+    let lines = studio_api::MAX_JSON_BODY_BYTES / CHAT_LINE.len() + 1;
+    let content = format!("{CHAT_LINE}\n").repeat(lines);
+
+    let response = app.upload("big.jsonl", "fine-tune", &content).await;
+
+    assert_eq!(
+        response.status,
+        StatusCode::OK,
+        "{}",
+        response.error_message()
+    );
+    assert_eq!(response.json()["line_count"], lines);
+}
