@@ -22,6 +22,8 @@ use crate::pagination::{list_object, ListQuery};
 
 /// The maximum upload size, in bytes.
 pub const MAX_UPLOAD_BYTES: usize = 1 << 30;
+/// The maximum length of a stored filename, in bytes.
+pub const MAX_FILENAME_BYTES: usize = 255;
 /// The maximum length of one dataset line, in bytes. A longer line is almost always a missing
 /// line break, and buffering it would take unbounded memory.
 pub const MAX_LINE_BYTES: usize = 16 << 20;
@@ -84,10 +86,7 @@ async fn file_content(
         (header::CONTENT_LENGTH, len.to_string()),
         (
             header::CONTENT_DISPOSITION,
-            format!(
-                "attachment; filename=\"{}\"",
-                file.filename.replace('"', "")
-            ),
+            content_disposition(&file.filename),
         ),
     ];
     Ok((headers, Body::from_stream(ReaderStream::new(content))).into_response())
@@ -147,6 +146,48 @@ async fn upload_file(
     Ok(Json(file_object(&record)))
 }
 
+/// Keeps the last path segment of a client's filename, without control characters and at
+/// most [`MAX_FILENAME_BYTES`] long, so it is safe to list and to send back in a header.
+fn clean_filename(raw: &str) -> String {
+    let last_segment = raw.rsplit(['/', '\\']).next().unwrap_or_default();
+    let mut name: String = last_segment.chars().filter(|c| !c.is_control()).collect();
+    if name.len() > MAX_FILENAME_BYTES {
+        let mut end = MAX_FILENAME_BYTES;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    let name = name.trim();
+    if name.is_empty() || name == "." || name == ".." {
+        "upload.jsonl".to_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// Builds `attachment; filename="…"; filename*=UTF-8''…` (RFC 6266): an ASCII fallback for
+/// old clients and the exact name percent-encoded.
+fn content_disposition(filename: &str) -> String {
+    let fallback: String = filename
+        .chars()
+        .map(|c| match c {
+            ' '..='~' if c != '"' && c != '\\' => c,
+            _ => '_',
+        })
+        .collect();
+    let mut encoded = String::with_capacity(filename.len());
+    for byte in filename.bytes() {
+        // RFC 5987 attr-char: letters, digits and !#$&+-.^_`|~ go as they are.
+        if byte.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&byte) {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    format!("attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}")
+}
+
 fn missing_field(name: &str) -> ApiError {
     ApiError::invalid(
         format!("missing required multipart field '{name}'"),
@@ -178,11 +219,7 @@ async fn receive_file(
     mut field: Field<'_>,
     mut writer: ArtifactWriter,
 ) -> Result<Upload, ApiError> {
-    let filename = field
-        .file_name()
-        .filter(|name| !name.is_empty())
-        .unwrap_or("upload.jsonl")
-        .to_owned();
+    let filename = clean_filename(field.file_name().unwrap_or(""));
     let mut lines = LineSplitter::default();
     let mut hasher = Sha256::new();
 

@@ -25,6 +25,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use error::ApiError;
+pub use files::MAX_FILENAME_BYTES;
 
 /// The maximum size of a JSON request body, in bytes; uploads have their own limit.
 pub const MAX_JSON_BODY_BYTES: usize = 2 << 20;

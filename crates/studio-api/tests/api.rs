@@ -1200,3 +1200,44 @@ async fn upload_may_exceed_json_body_limit(pool: PgPool) {
     );
     assert_eq!(response.json()["line_count"], lines);
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn upload_filename_is_cleaned(pool: PgPool) {
+    let app = test_app(pool);
+    let long = "x".repeat(1000);
+    let cases = [
+        ("../../etc/passwd", "passwd".to_owned()),
+        ("data/train.jsonl", "train.jsonl".to_owned()),
+        ("tab\there.jsonl", "tabhere.jsonl".to_owned()),
+        ("../", "upload.jsonl".to_owned()),
+        (long.as_str(), "x".repeat(studio_api::MAX_FILENAME_BYTES)),
+    ];
+    for (sent, stored) in cases {
+        let response = app
+            .upload(sent, "fine-tune", &format!("{CHAT_LINE}\n"))
+            .await;
+
+        assert_eq!(response.status, StatusCode::OK, "{sent:?}");
+        assert_eq!(response.json()["filename"], stored, "{sent:?}");
+    }
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn content_disposition_encodes_non_ascii_filename(pool: PgPool) {
+    let app = test_app(pool);
+    let uploaded = app
+        .upload("été v2.jsonl", "fine-tune", &format!("{CHAT_LINE}\n"))
+        .await;
+    let id = uploaded.json()["id"].as_str().unwrap().to_owned();
+
+    let response = app.get(&format!("/v1/files/{id}/content")).await;
+    let disposition = response.headers[header::CONTENT_DISPOSITION]
+        .to_str()
+        .unwrap();
+
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(
+        disposition,
+        "attachment; filename=\"_t_ v2.jsonl\"; filename*=UTF-8''%C3%A9t%C3%A9%20v2.jsonl"
+    );
+}
