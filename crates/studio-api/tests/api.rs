@@ -1241,3 +1241,20 @@ async fn content_disposition_encodes_non_ascii_filename(pool: PgPool) {
         "attachment; filename=\"_t_ v2.jsonl\"; filename*=UTF-8''%C3%A9t%C3%A9%20v2.jsonl"
     );
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn upload_with_byte_order_mark_is_accepted(pool: PgPool) {
+    let app = test_app(pool);
+    let content = format!("\u{feff}{CHAT_LINE}\r\n{CHAT_LINE}\r\n");
+
+    let response = app.upload("notepad.jsonl", "fine-tune", &content).await;
+
+    assert_eq!(
+        response.status,
+        StatusCode::OK,
+        "{}",
+        response.error_message()
+    );
+    assert_eq!(response.json()["line_count"], 2);
+    assert_eq!(response.json()["bytes"], content.len());
+}

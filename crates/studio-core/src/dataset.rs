@@ -188,6 +188,11 @@ impl DatasetValidator {
     pub fn push_line(&mut self, text: &str) -> Result<Option<Conversation>, LineError> {
         self.next_line += 1;
         let text = text.strip_suffix('\r').unwrap_or(text);
+        // Editors such as Notepad start UTF-8 files with a byte order mark; it is not content.
+        let text = match self.next_line {
+            1 => text.strip_prefix('\u{feff}').unwrap_or(text),
+            _ => text,
+        };
         if text.trim().is_empty() {
             return Ok(None);
         }
@@ -594,6 +599,21 @@ mod tests {
         assert_eq!(summary.line_count, 2);
         assert_eq!(summary.unknown_keys, 1);
         assert_eq!(summary.format, DatasetFormat::PromptCompletion);
+    }
+
+    #[test]
+    fn byte_order_mark_is_skipped_on_the_first_line_only() {
+        let line = "{\"prompt\":\"a\",\"completion\":\"b\"}";
+        let (conversations, summary) =
+            parse_dataset(format!("\u{feff}{line}\n{line}\n").as_bytes()).unwrap();
+        let second = parse_dataset(format!("{line}\n\u{feff}{line}\n").as_bytes());
+
+        assert_eq!(conversations.len(), 2);
+        assert_eq!(summary.line_count, 2);
+        assert!(matches!(
+            second,
+            Err(DatasetError::Line(LineError { line: 2, .. }))
+        ));
     }
 
     #[test]
