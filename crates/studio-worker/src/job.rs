@@ -257,6 +257,17 @@ impl JobRun<'_> {
                 trained_tokens,
                 artifacts,
             } => {
+                // Every attempt writes the same final keys, so ownership is confirmed (and the
+                // lease extended) just before: a worker whose lease ran out unnoticed must not
+                // overwrite the result of the worker that took the job over.
+                // NOTE: an upload that takes longer than the lease can still race a rescue.
+                match store.heartbeat(id, worker_id, self.settings.lease).await {
+                    Err(StoreError::Conflict(message)) => {
+                        tracing::warn!(%message, "the job was taken from this worker; its result is discarded");
+                        return Ok(());
+                    }
+                    other => other.map(|_| ())?,
+                }
                 if let Err(err) = self.upload_results(&artifacts).await {
                     let error = internal_error(format!("failed to store the result: {err}"));
                     self.event(

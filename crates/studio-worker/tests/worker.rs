@@ -770,3 +770,75 @@ async fn success_stores_merged_model_and_results_csv(pool: PgPool) {
     );
     assert!(lines[2].starts_with("2,1,1.5,0.5,,"), "{csv}");
 }
+
+/// A trainer that waits for `gate` before writing an adapter with these weights, so a test
+/// can hold a run while its lease runs out.
+struct GatedTrainer {
+    gate: Mutex<std::sync::mpsc::Receiver<()>>,
+    weights: &'static [u8],
+}
+
+impl Trainer for GatedTrainer {
+    fn run_sft(
+        &self,
+        job: &SftJob<'_>,
+        _observer: &mut dyn TrainObserver,
+    ) -> Result<RunOutcome, TrainError> {
+        self.gate.lock().unwrap().recv().unwrap();
+        let adapter = job.output_dir.join("adapter");
+        std::fs::create_dir_all(&adapter)?;
+        std::fs::write(adapter.join("adapter_config.json"), ADAPTER_CONFIG)?;
+        std::fs::write(adapter.join("adapter_model.safetensors"), self.weights)?;
+        Ok(succeeded(1, vec![(ArtifactKind::Adapter, adapter)]))
+    }
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn worker_past_its_lease_keeps_the_new_result(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup.queue_job("tiny").await;
+    // The stale worker never heartbeats, as if its heartbeats failed while it trained on.
+    let stale_settings = WorkerSettings {
+        worker_id: "stale-worker".into(),
+        lease: Duration::from_millis(100),
+        heartbeat_interval: Duration::from_secs(3600),
+        ..setup.settings.clone()
+    };
+    let (open_gate, gate) = std::sync::mpsc::channel();
+    let stale = Worker::new(
+        setup.services.clone(),
+        stale_settings,
+        Arc::new(GatedTrainer {
+            gate: Mutex::new(gate),
+            weights: b"stale weights",
+        }),
+    );
+    let stale_run = tokio::spawn(async move { stale.run_next_job(not_stopped()).await });
+    while setup.services.store.get_job(&id).await.unwrap().status != JobStatus::Running {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let rescuer = setup
+        .worker(Behaviour::Succeed { steps: 2 })
+        .run_next_job(not_stopped())
+        .await
+        .unwrap();
+    open_gate.send(()).unwrap();
+    let _ = stale_run.await.unwrap();
+
+    let job = setup.services.store.get_job(&id).await.unwrap();
+    let weights = setup
+        .services
+        .artifacts
+        .read(&final_adapter_key(&id, "adapter_model.safetensors"))
+        .await
+        .unwrap();
+    assert_eq!(rescuer, Some(id.clone()));
+    assert_eq!(job.status, JobStatus::Succeeded);
+    assert_eq!(job.attempt, 2);
+    assert_eq!(
+        weights, ADAPTER_WEIGHTS,
+        "the stale worker overwrote the adapter"
+    );
+}
