@@ -12,19 +12,28 @@ pub const MAX_LIMIT: u32 = 100;
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {
     pub after: Option<String>,
-    pub limit: Option<u32>,
+    /// Kept as text, so `-1` or `abc` get the same message as `0` instead of serde's.
+    pub limit: Option<String>,
 }
 
 impl ListQuery {
     pub fn page_request(self) -> Result<PageRequest, ApiError> {
-        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
-        if !(1..=MAX_LIMIT).contains(&limit) {
-            return Err(ApiError::invalid(
-                format!("invalid 'limit' {limit}: expected an integer from 1 to {MAX_LIMIT}"),
-                Some("limit"),
-                "invalid_value",
-            ));
-        }
+        let limit = match self.limit.as_deref() {
+            None => DEFAULT_LIMIT,
+            Some(text) => text
+                .parse::<u32>()
+                .ok()
+                .filter(|limit| (1..=MAX_LIMIT).contains(limit))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!(
+                            "invalid 'limit' {text:?}: expected an integer from 1 to {MAX_LIMIT}"
+                        ),
+                        Some("limit"),
+                        "invalid_value",
+                    )
+                })?,
+        };
         Ok(PageRequest {
             after: self.after.filter(|after| !after.is_empty()),
             limit,

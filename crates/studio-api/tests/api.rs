@@ -1258,3 +1258,19 @@ async fn upload_with_byte_order_mark_is_accepted(pool: PgPool) {
     assert_eq!(response.json()["line_count"], 2);
     assert_eq!(response.json()["bytes"], content.len());
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn malformed_limit_names_the_range(pool: PgPool) {
+    let app = test_app(pool);
+    for limit in ["-1", "abc", "99999999999999999999", "0", "1.5"] {
+        let response = app.get(&format!("/v1/files?limit={limit}")).await;
+
+        assert_eq!(response.status, StatusCode::BAD_REQUEST, "{limit}");
+        assert_eq!(response.json()["error"]["param"], "limit", "{limit}");
+        assert!(
+            response.error_message().contains("from 1 to 100"),
+            "{limit}: {}",
+            response.error_message()
+        );
+    }
+}
