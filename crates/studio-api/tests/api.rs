@@ -1274,3 +1274,44 @@ async fn malformed_limit_names_the_range(pool: PgPool) {
         );
     }
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn huge_rejected_value_is_not_echoed_whole(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+    let huge = "a".repeat(1_000_000);
+    let cases = [
+        (
+            "suffix",
+            json!({"model": "tiny", "training_file": file_id, "suffix": huge}),
+        ),
+        ("model", json!({"model": huge, "training_file": file_id})),
+        (
+            "training_file",
+            json!({"model": "tiny", "training_file": format!("file-{huge}!")}),
+        ),
+        (
+            "hyperparameters.n_epochs",
+            json!({"model": "tiny", "training_file": file_id, "hyperparameters": {"n_epochs": huge}}),
+        ),
+        (
+            "unknown key",
+            json!({"model": "tiny", "training_file": file_id, huge.clone(): 1}),
+        ),
+    ];
+    for (what, body) in cases {
+        let response = app.post_json("/v1/fine_tuning/jobs", body).await;
+
+        assert_eq!(response.status, StatusCode::BAD_REQUEST, "{what}");
+        assert!(
+            response.body.len() < 2_000,
+            "{what}: {} bytes",
+            response.body.len()
+        );
+        assert!(
+            response.error_message().contains(" characters)"),
+            "{what}: {}",
+            response.error_message()
+        );
+    }
+}

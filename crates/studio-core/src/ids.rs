@@ -9,11 +9,26 @@ use serde::{Deserialize, Serialize};
 
 /// An id string that does not have the expected prefix or shape.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {kind} id {value:?}: expected {prefix} followed by letters, digits, '-' or '_'")]
+#[error(
+    "invalid {kind} id {}: expected {prefix} followed by letters, digits, '-' or '_'",
+    quoted_start(.value)
+)]
 pub struct InvalidId {
     pub kind: &'static str,
     pub prefix: &'static str,
     pub value: String,
+}
+
+/// Quotes an id for a message; a long one is cut to its first 80 characters and its length,
+/// so a megabyte id is not sent back in the error.
+fn quoted_start(value: &str) -> String {
+    const MAX_CHARS: usize = 80;
+    let length = value.chars().count();
+    if length <= MAX_CHARS {
+        return format!("{value:?}");
+    }
+    let start: String = value.chars().take(MAX_CHARS).collect();
+    format!("{start:?}… ({length} characters)")
 }
 
 macro_rules! prefixed_id {

@@ -315,7 +315,7 @@ fn reject_unknown_keys(
     match object.keys().find(|key| !known.contains(&key.as_str())) {
         None => Ok(()),
         Some(key) => {
-            let param = join(at, key);
+            let param = join(at, &excerpt(key));
             Err(SpecError::invalid(
                 param.clone(),
                 format!(
@@ -324,6 +324,28 @@ fn reject_unknown_keys(
                 ),
             ))
         }
+    }
+}
+
+/// The longest rejected value a message repeats whole, in characters.
+const MAX_ECHOED_CHARS: usize = 80;
+
+/// Renders a rejected value for a message: whole when short, else its start and its length,
+/// so a megabyte value is not sent back in the error.
+fn excerpt(value: &str) -> String {
+    let length = value.chars().count();
+    if length <= MAX_ECHOED_CHARS {
+        return value.to_owned();
+    }
+    let start: String = value.chars().take(MAX_ECHOED_CHARS).collect();
+    format!("{start}… ({length} characters)")
+}
+
+/// Renders a rejected JSON value like [`excerpt`], a string in quotes.
+fn value_excerpt(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("\"{}\"", excerpt(s)),
+        other => excerpt(&other.to_string()),
     }
 }
 
@@ -390,7 +412,10 @@ fn suffix(object: &Map<String, Value>) -> Result<Option<String>, SpecError> {
     if s.is_empty() || s.len() > 64 || !s.chars().all(allowed) {
         return Err(SpecError::invalid(
             "suffix",
-            format!("invalid 'suffix' {s:?}: use 1 to 64 ASCII letters, digits, '-', '_' or '.'"),
+            format!(
+                "invalid 'suffix' \"{}\": use 1 to 64 ASCII letters, digits, '-', '_' or '.'",
+                excerpt(s)
+            ),
         ));
     }
     Ok(Some(s.clone()))
@@ -404,7 +429,10 @@ fn seed(object: &Map<String, Value>) -> Result<Option<u64>, SpecError> {
         Some(seed) if seed <= MAX_SEED => Ok(Some(seed)),
         _ => Err(SpecError::invalid(
             "seed",
-            format!("invalid 'seed' {value}: expected an integer from 0 to {MAX_SEED}"),
+            format!(
+                "invalid 'seed' {}: expected an integer from 0 to {MAX_SEED}",
+                value_excerpt(value)
+            ),
         )),
     }
 }
@@ -513,7 +541,8 @@ fn method(body: &Map<String, Value>, default_lr: f64) -> Result<Method, SpecErro
             return Err(SpecError::invalid(
                 "method.type",
                 format!(
-                    "unknown method.type '{other}'; expected one of: supervised, dpo, distillation"
+                    "unknown method.type '{}'; expected one of: supervised, dpo, distillation",
+                    excerpt(other)
                 ),
             ))
         }
@@ -647,7 +676,10 @@ fn training_type(body: &Map<String, Value>) -> Result<TrainingType, SpecError> {
         Some(other) => {
             return Err(SpecError::invalid(
                 "training_type.type",
-                format!("unknown training_type.type {other}; expected one of: lora, full"),
+                format!(
+                    "unknown training_type.type {}; expected one of: lora, full",
+                    value_excerpt(other)
+                ),
             ))
         }
     }
@@ -694,7 +726,10 @@ fn use_rslora(object: &Map<String, Value>) -> Result<bool, SpecError> {
         Some(Value::Bool(flag)) => Ok(*flag),
         Some(other) => Err(SpecError::invalid(
             "training_type.use_rslora",
-            format!("invalid 'training_type.use_rslora' {other}: expected true, false or \"auto\""),
+            format!(
+                "invalid 'training_type.use_rslora' {}: expected true, false or \"auto\"",
+                value_excerpt(other)
+            ),
         )),
     }
 }
@@ -734,7 +769,8 @@ fn target_modules(object: &Map<String, Value>) -> Result<Option<Vec<String>>, Sp
                 return Err(SpecError::invalid(
                     PARAM,
                     format!(
-                        "unknown target module {item}; expected names from: {}",
+                        "unknown target module {}; expected names from: {}",
+                        value_excerpt(item),
                         LORA_TARGET_MODULES.join(", ")
                     ),
                 ))
@@ -803,7 +839,10 @@ impl Knobs<'_> {
         let param = join(self.at, key);
         SpecError::invalid(
             param.clone(),
-            format!("invalid '{param}' {value}: expected {expected} or \"auto\""),
+            format!(
+                "invalid '{param}' {}: expected {expected} or \"auto\"",
+                value_excerpt(value)
+            ),
         )
     }
 }

@@ -38,6 +38,15 @@ pub enum CatalogError {
 }
 
 fn not_found_message(name: &str, available: &[String]) -> String {
+    // A megabyte name is not sent back whole in the error.
+    const MAX_CHARS: usize = 80;
+    let length = name.chars().count();
+    let name = if length <= MAX_CHARS {
+        name.to_owned()
+    } else {
+        let start: String = name.chars().take(MAX_CHARS).collect();
+        format!("{start}… ({length} characters)")
+    };
     if available.is_empty() {
         format!("model '{name}' not found: no base models are installed; add NAME.gguf or a Hugging Face folder NAME/ to the models folder")
     } else {
