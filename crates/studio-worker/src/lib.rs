@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use studio_core::JobId;
-use studio_store::{Services, StoreError};
+use studio_core::{JobId, JobStatus};
+use studio_store::{EventLevel, NewEvent, RescuedJob, Services, StoreError};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -94,6 +94,28 @@ impl Worker {
         Ok(())
     }
 
+    /// Tells the job's owner why it left `running` without a word from its worker.
+    async fn record_rescue(&self, rescued: &RescuedJob) {
+        let (level, message) = match rescued.status {
+            JobStatus::Queued => (
+                EventLevel::Warn,
+                "The worker stopped sending heartbeats; the job goes back to the queue and resumes from its latest checkpoint",
+            ),
+            JobStatus::Cancelled => (
+                EventLevel::Info,
+                "The worker stopped sending heartbeats; the job was cancelled as requested",
+            ),
+            _ => (
+                EventLevel::Error,
+                "The worker stopped sending heartbeats and the job is out of attempts; it failed",
+            ),
+        };
+        let event = NewEvent::message(&rescued.id, level, message);
+        if let Err(err) = self.services.store.insert_event(&event).await {
+            tracing::warn!(job_id = %rescued.id, error = %err, "failed to write a job event");
+        }
+    }
+
     /// Requeues jobs whose worker vanished, then claims and runs the oldest queued job.
     /// Returns its id, or `None` when the queue is empty.
     pub async fn run_next_job(
@@ -103,6 +125,7 @@ impl Worker {
         let store = &self.services.store;
         for rescued in store.rescue_expired_jobs().await? {
             tracing::warn!(job_id = %rescued.id, status = %rescued.status, "rescued a job whose lease expired");
+            self.record_rescue(&rescued).await;
         }
         let Some(job) = store
             .claim_job(&self.settings.worker_id, self.settings.lease)

@@ -842,3 +842,31 @@ async fn worker_past_its_lease_keeps_the_new_result(pool: PgPool) {
         "the stale worker overwrote the adapter"
     );
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn rescued_job_tells_why_it_restarted(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup.queue_job("tiny").await;
+    let store = &setup.services.store;
+    store
+        .claim_job("crashed-worker", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    setup
+        .worker(Behaviour::Succeed { steps: 2 })
+        .run_next_job(not_stopped())
+        .await
+        .unwrap();
+    let events = setup.event_messages(&id).await;
+
+    let rescue = events
+        .iter()
+        .position(|m| m.starts_with("The worker stopped sending heartbeats; the job goes back"));
+    let restart = events
+        .iter()
+        .position(|m| m == "Fine-tuning job started (attempt 2 of 3)");
+    assert!(rescue.is_some(), "{events:?}");
+    assert!(rescue < restart, "{events:?}");
+}
