@@ -94,7 +94,7 @@ impl Worker {
         Ok(())
     }
 
-    /// Tells the job's owner why it left `running` without a word from its worker.
+    /// Writes an event that explains why the job left `running` without a word from its worker.
     async fn record_rescue(&self, rescued: &RescuedJob) {
         let (level, message) = match rescued.status {
             JobStatus::Queued => (

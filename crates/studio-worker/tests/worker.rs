@@ -844,7 +844,7 @@ async fn worker_past_its_lease_keeps_the_new_result(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../../migrations")]
-async fn rescued_job_tells_why_it_restarted(pool: PgPool) {
+async fn rescue_writes_job_event(pool: PgPool) {
     let setup = setup(pool).await;
     let id = setup.queue_job("tiny").await;
     let store = &setup.services.store;
