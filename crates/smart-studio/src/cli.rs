@@ -72,6 +72,122 @@ pub enum Command {
     FetchModel,
     /// Fine-tune the demo model on the bundled example dataset, end to end over the REST API.
     Demo(DemoArgs),
+    /// Fine-tune locally from a JSONL file, without a server or database.
+    Train(TrainArgs),
+    /// Print the mean loss and token accuracy of a model, with an optional adapter, on a dataset.
+    Eval(EvalArgs),
+}
+
+/// A local run. `--config` takes a JSON job body as `POST /v1/fine_tuning/jobs` does; flags
+/// override its fields.
+#[derive(Clone, Debug, Args)]
+pub struct TrainArgs {
+    /// JSON file shaped like a job create request (model, method, training_type, seed).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Base model: a name in the models folder, a GGUF file or a Hugging Face folder.
+    #[arg(long)]
+    pub model: Option<String>,
+
+    /// Training data, one JSON conversation per line (OpenAI chat, prompt/completion or Alpaca).
+    #[arg(long, value_name = "FILE")]
+    pub training_file: PathBuf,
+
+    /// Validation data; without it a tenth of a training set of 20 or more examples is held out.
+    #[arg(long, value_name = "FILE")]
+    pub validation_file: Option<PathBuf>,
+
+    /// Folder that receives adapter/, merged/ or model/, checkpoints/ and metrics.csv.
+    #[arg(long, default_value = "./train-output")]
+    pub output_dir: PathBuf,
+
+    /// Continue from a checkpoint folder (OUTPUT_DIR/checkpoints/step-N) of the same run.
+    #[arg(long, value_name = "DIR")]
+    pub resume_from: Option<PathBuf>,
+
+    /// For LoRA, also write the base model with the adapter merged in (OUTPUT_DIR/merged).
+    #[arg(long)]
+    pub merged: bool,
+
+    /// `lora` or `full`.
+    #[arg(long)]
+    pub approach: Option<String>,
+
+    /// Passes over the training data.
+    #[arg(long)]
+    pub n_epochs: Option<u32>,
+
+    /// Examples per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<u32>,
+
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<u32>,
+
+    /// Peak learning rate [default: 1e-4 for LoRA, 2e-5 for full].
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+
+    /// `linear`, `cosine` or `constant` decay after warmup.
+    #[arg(long)]
+    pub lr_scheduler: Option<String>,
+
+    /// Fraction of the steps spent warming up.
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+
+    /// Tokens per example; longer ones are truncated.
+    #[arg(long)]
+    pub max_seq_len: Option<u32>,
+
+    /// Write a checkpoint every this many steps.
+    #[arg(long)]
+    pub checkpoint_interval: Option<u64>,
+
+    /// Evaluate every this many steps (0: at epoch ends).
+    #[arg(long)]
+    pub eval_interval: Option<u64>,
+
+    /// LoRA rank.
+    #[arg(long)]
+    pub r: Option<u32>,
+
+    /// LoRA alpha.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+
+    /// Comma-separated LoRA target modules, or all-linear.
+    #[arg(long)]
+    pub target_modules: Option<String>,
+
+    /// Seed of initialisation, shuffling and dropout.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct EvalArgs {
+    /// Base model: a name in the models folder, a GGUF file or a Hugging Face folder.
+    #[arg(long)]
+    pub model: String,
+
+    /// A PEFT adapter folder to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+
+    /// Dataset, one JSON conversation per line.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+
+    /// Tokens per example; longer ones are truncated.
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_len: usize,
+
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
 }
 
 /// Settings of a worker (`worker` and `up`).

@@ -135,7 +135,7 @@ fn redact(raw: &str) -> String {
 }
 
 fn needs_database(command: &Command) -> bool {
-    !matches!(command, Command::FetchModel)
+    !matches!(command, Command::FetchModel | Command::Train(_) | Command::Eval(_))
 }
 
 fn default_log_filter(command: &Command) -> &'static str {

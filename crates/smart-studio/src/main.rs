@@ -40,5 +40,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => commands::migrate::run(&config).await,
         Command::FetchModel => commands::fetch_model::run(&config).await,
         Command::Demo(args) => commands::demo::run(&config, &args).await,
+        Command::Train(args) => commands::train::run(&config, &args).await,
+        Command::Eval(args) => commands::eval::run(&config, &args).await,
     }
 }

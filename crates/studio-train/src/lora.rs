@@ -218,3 +218,39 @@ pub fn trainable_parameters(config: &LlamaConfig, settings: &LoraSettings) -> us
         .sum();
     per_layer * config.num_hidden_layers
 }
+
+/// Reads the settings of a PEFT adapter from its `adapter_config.json`, with PEFT's defaults
+/// for fields it omits (`lora_alpha` 8, `lora_dropout` 0, `use_rslora` false).
+pub fn read_adapter_settings(dir: &Path) -> Result<LoraSettings, TrainError> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let invalid = |message: String| TrainError::InvalidData {
+        message: format!("{}: {message}", path.display()),
+        param: Some("adapter".into()),
+    };
+    let text = fs::read_to_string(&path).map_err(|err| invalid(err.to_string()))?;
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|err| invalid(format!("invalid JSON: {err}")))?;
+    if config["peft_type"].as_str().is_some_and(|kind| kind != "LORA") {
+        return Err(invalid(format!("peft_type {} is not LORA", config["peft_type"])));
+    }
+    let r = config["r"].as_u64().ok_or_else(|| invalid("r is missing".into()))? as usize;
+    let target_modules = match &config["target_modules"] {
+        serde_json::Value::String(one) => vec![one.clone()],
+        serde_json::Value::Array(list) => list.iter().filter_map(|m| m.as_str().map(String::from)).collect(),
+        _ => return Err(invalid("target_modules is missing".into())),
+    };
+    Ok(LoraSettings {
+        r,
+        alpha: config["lora_alpha"].as_f64().unwrap_or(8.0),
+        dropout: config["lora_dropout"].as_f64().unwrap_or(0.0),
+        target_modules,
+        use_rslora: config["use_rslora"].as_bool().unwrap_or(false),
+    })
+}
+
+/// Attaches the adapter stored in `dir` (a PEFT folder) to `model`.
+pub fn apply_adapter(model: &mut Llama, dir: &Path) -> Result<LoraSettings, TrainError> {
+    let settings = read_adapter_settings(dir)?;
+    attach(model, &settings, &mut Rng::new(0))?;
+    load_adapter_weights(model, dir)?;
+    Ok(settings)
+}

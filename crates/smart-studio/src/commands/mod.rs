@@ -1,8 +1,10 @@
 //! One module per subcommand.
 
 pub mod demo;
+pub mod eval;
 pub mod fetch_model;
 pub mod migrate;
 pub mod serve;
+pub mod train;
 pub mod up;
 pub mod worker;
