@@ -2,7 +2,7 @@
 //! schedule, the generator's state and the position in the data.
 //!
 //! A LoRA checkpoint folder is also a loadable PEFT adapter (`adapter_config.json`,
-//! `adapter_model.safetensors`); a full fine-tuning one holds `model.safetensors` under
+//! `adapter_model.safetensors`); a full fine-tuning one contains `model.safetensors` under
 //! Hugging Face names.
 
 use std::collections::HashMap;
@@ -74,7 +74,7 @@ pub fn finish(staging: &Path, dir: &Path, optimizer: &AdamW, state: &TrainerStat
     Ok(target)
 }
 
-/// A fresh staging folder for the checkpoint after `step`.
+/// Creates an empty staging folder for the checkpoint after `step`.
 pub fn staging(dir: &Path, step: u64) -> Result<PathBuf, TrainError> {
     let staging = dir.join(format!(".{}.partial", folder_name(step)));
     if staging.exists() {

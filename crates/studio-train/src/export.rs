@@ -16,14 +16,14 @@ use crate::TrainError;
 /// `save_pretrained`'s default shard size in `transformers` 4.x and 5.x: 5 GB.
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
-/// What a model folder needs besides its weights.
+/// Tokenizer, chat template and special tokens written beside a model's weights.
 pub struct FolderMetadata<'a> {
     pub tokenizer: &'a tokenizers::Tokenizer,
     pub chat_template: Option<&'a str>,
     pub special: SpecialTokens,
 }
 
-/// The model's weights under Hugging Face names. With `merge_lora`, each adapted linear
+/// Returns the model's weights under Hugging Face names. With `merge_lora`, each adapted linear
 /// weight becomes `W + scale · B A`; the tied head is not written separately.
 pub fn model_weights(model: &Llama, merge_lora: bool) -> Result<HashMap<String, Tensor>, TrainError> {
     let mut weights = HashMap::new();
@@ -59,7 +59,7 @@ fn linear_weight(linear: &Linear, merge_lora: bool) -> Result<Tensor, TrainError
     }
 }
 
-/// The `config.json` of a Llama-family model. `rope_theta` is written at the top level and under
+/// Builds the `config.json` of a Llama-family model. `rope_theta` is written at the top level and under
 /// `rope_parameters`, so older and newer `transformers` both read it.
 pub fn config_json(model: &Llama, special: SpecialTokens) -> Value {
     let c = &model.config;
@@ -115,7 +115,7 @@ pub fn save_model_folder(
         *tensor = tensor.to_dtype(DType::F32)?;
         let max = tensor.abs()?.max_all()?.to_scalar::<f32>()?;
         if !max.is_finite() {
-            return Err(TrainError::NonFinite(format!("weight {name} holds a non-finite value")));
+            return Err(TrainError::NonFinite(format!("weight {name} contains a non-finite value")));
         }
     }
     write_weights(&weights, max_shard_bytes, &staging)?;

@@ -1,7 +1,7 @@
 //! The Smart Studio trainer as a library: Llama-family models loaded from GGUF, the model's chat
 //! template, LoRA adapters in PEFT layout, and a supervised training loop with AdamW.
 //!
-//! It knows nothing of HTTP or databases: the worker and the CLI call [`run_sft`] with an
+//! It has no HTTP or database code: the worker and the CLI call [`run_sft`] with an
 //! observer that receives metrics and events.
 
 pub mod batch;

@@ -34,7 +34,7 @@ fn parent_module(module: &str) -> Option<&'static str> {
 /// head or the embeddings (as PEFT's `all-linear` for causal language models).
 pub const ALL_LINEAR: &str = "all-linear";
 
-/// The target modules with `all-linear` expanded, in the model's module order.
+/// Returns the target modules with `all-linear` expanded, in the model's module order.
 pub fn resolve_targets(target_modules: &[String]) -> Vec<String> {
     let all = target_modules.iter().any(|m| m == ALL_LINEAR);
     LINEAR_MODULES
@@ -45,7 +45,7 @@ pub fn resolve_targets(target_modules: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// The factor applied to `B A x`: `alpha / r`, or `alpha / √r` with rsLoRA.
+/// Returns the factor applied to `B A x`: `alpha / r`, or `alpha / √r` with rsLoRA.
 pub fn scale(settings: &LoraSettings) -> f64 {
     if settings.use_rslora {
         settings.alpha / (settings.r as f64).sqrt()
@@ -116,7 +116,7 @@ pub fn attach(model: &mut Llama, settings: &LoraSettings, rng: &mut Rng) -> Resu
     Ok(())
 }
 
-/// The adapter's variables under PEFT's key names, in layer and module order.
+/// Returns the adapter's variables under PEFT's key names, in layer and module order.
 pub fn adapter_vars(model: &Llama) -> Vec<(String, Var)> {
     let mut vars = Vec::new();
     for (index, layer) in model.layers.iter().enumerate() {
@@ -130,7 +130,7 @@ pub fn adapter_vars(model: &Llama) -> Vec<(String, Var)> {
     vars
 }
 
-/// The adapter's matrices under PEFT's key names.
+/// Returns the adapter's matrices under PEFT's key names.
 pub fn adapter_tensors(model: &Llama) -> HashMap<String, Tensor> {
     adapter_vars(model)
         .into_iter()
@@ -146,7 +146,7 @@ pub fn save_adapter(model: &Llama, settings: &LoraSettings, base_model: &str, di
     for (name, tensor) in &tensors {
         let finite = tensor.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite();
         if !finite {
-            return Err(TrainError::NonFinite(format!("adapter tensor {name} holds a non-finite value")));
+            return Err(TrainError::NonFinite(format!("adapter tensor {name} contains a non-finite value")));
         }
     }
     let weights_tmp = dir.join(format!(".{ADAPTER_WEIGHTS}.tmp"));
@@ -160,8 +160,8 @@ pub fn save_adapter(model: &Llama, settings: &LoraSettings, base_model: &str, di
     Ok(())
 }
 
-/// Every field PEFT reads, stated explicitly, because PEFT fills a missing one with its own
-/// default, which may differ from how the adapter was trained.
+/// Builds `adapter_config.json` with every field PEFT reads stated explicitly, because PEFT
+/// fills a missing one with its own default, which may differ from how the adapter was trained.
 pub fn adapter_config(settings: &LoraSettings, base_model: &str) -> serde_json::Value {
     json!({
         "peft_type": "LORA",

@@ -296,7 +296,7 @@ impl Llama {
         Ok(vars)
     }
 
-    /// Every LoRA variable of the model, in layer order.
+    /// Returns every LoRA variable of the model, in layer order.
     pub fn lora_vars(&self) -> Vec<Var> {
         let mut vars = Vec::new();
         for layer in &self.layers {

@@ -92,7 +92,7 @@ impl AdamW {
         self.step
     }
 
-    /// The first and second moments, in `params()` order.
+    /// Returns the first and second moments, in `params()` order.
     pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
         (&self.first_moments, &self.second_moments)
     }
@@ -113,13 +113,13 @@ impl AdamW {
     }
 }
 
-/// The L2 norm over all gradients of `params`, as `torch.nn.utils.clip_grad_norm_` reports it.
+/// Computes the L2 norm over all gradients of `params`, as `torch.nn.utils.clip_grad_norm_` reports it.
 pub fn global_grad_norm(params: &[Var], grads: &GradStore) -> Result<f64> {
     let present: Vec<Tensor> = params.iter().filter_map(|var| grads.get(var).cloned()).collect();
     grad_norm(&present)
 }
 
-/// The L2 norm over a list of gradients.
+/// Computes the L2 norm over a list of gradients.
 pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     let mut sum = 0f64;
     for grad in grads {

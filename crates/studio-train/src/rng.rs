@@ -39,7 +39,7 @@ impl Rng {
         result
     }
 
-    /// A uniform draw from [0, 1) with 53 random bits.
+    /// Draws uniformly from [0, 1) with 53 random bits.
     pub fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }

@@ -44,7 +44,7 @@ impl Default for LoraSettings {
     }
 }
 
-/// What a run trains.
+/// The parameters a run trains.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Approach {
     /// A frozen base with trained adapter matrices.
@@ -54,7 +54,7 @@ pub enum Approach {
 }
 
 /// Full fine-tuning learning rates outside this range get a warning event: below it training
-/// barely moves, above it a small model forgets quickly.
+/// barely moves, and above it a small model quickly loses what it knew.
 pub const FULL_LEARNING_RATE_RANGE: (f64, f64) = (1e-5, 5e-5);
 
 /// Optimisation settings of one run.
@@ -63,7 +63,7 @@ pub struct TrainSettings {
     pub n_epochs: usize,
     /// Examples per micro-batch; each micro-batch is padded to its own longest row.
     pub batch_size: usize,
-    /// Micro-batches per optimizer step, so a step sees `batch_size × gradient_accumulation_steps`
+    /// Micro-batches per optimizer step, so a step uses `batch_size × gradient_accumulation_steps`
     /// examples. The loss is normalised by the target tokens of the whole step.
     pub gradient_accumulation_steps: usize,
     /// Peak learning rate.
@@ -391,7 +391,7 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
     }))
 }
 
-/// Where the loop stands; what a checkpoint stores besides tensors.
+/// The loop's position, which a checkpoint stores besides tensors.
 #[derive(Default)]
 struct Progress {
     step: u64,

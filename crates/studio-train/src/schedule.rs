@@ -21,7 +21,7 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// The learning rate of 1-based optimizer step `step`, with `transformers`' conventions:
+    /// Returns the learning rate of 1-based optimizer step `step`, with `transformers`' conventions:
     /// warmup rises linearly over `step / warmup_steps` and the decay reaches zero just after
     /// the last step.
     pub fn learning_rate(&self, step: u64) -> f64 {

@@ -76,7 +76,7 @@ fn train(models_dir: &Path, args: &TrainArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The job body: the `--config` file, or an empty one, with flags written over it.
+/// Builds the job body from the `--config` file, or an empty one, with flags written over it.
 fn job_body(args: &TrainArgs) -> anyhow::Result<Value> {
     let mut body = match &args.config {
         Some(path) => {
@@ -137,7 +137,7 @@ fn job_body(args: &TrainArgs) -> anyhow::Result<Value> {
     Ok(body)
 }
 
-/// The object at `path` inside `object`, created when missing.
+/// Returns the object at `path` inside `object`, created when missing.
 fn section<'a>(object: &'a mut Map<String, Value>, path: &[&str]) -> &'a mut Map<String, Value> {
     let mut current = object;
     for key in path {
@@ -150,7 +150,8 @@ fn section<'a>(object: &'a mut Map<String, Value>, path: &[&str]) -> &'a mut Map
     current
 }
 
-/// A model is a path to a GGUF file or Hugging Face folder, or a name in the models folder.
+/// Resolves a model given as a path to a GGUF file or Hugging Face folder, or as a name in the
+/// models folder.
 pub fn resolve_model(models_dir: &Path, model: &str) -> anyhow::Result<PathBuf> {
     let path = Path::new(model);
     if path.exists() {
