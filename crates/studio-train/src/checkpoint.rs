@@ -84,8 +84,14 @@ pub fn staging(dir: &Path, step: u64) -> Result<PathBuf, TrainError> {
     Ok(staging)
 }
 
-/// Writes full fine-tuning weights under their Hugging Face names.
+/// Writes full fine-tuning weights under their Hugging Face names, refusing non-finite values.
 pub fn write_full_weights(staging: &Path, vars: &[(String, Var)]) -> Result<(), TrainError> {
+    for (name, var) in vars {
+        let max = var.abs()?.max_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        if !max.is_finite() {
+            return Err(TrainError::NonFinite(format!("weight {name} contains a non-finite value")));
+        }
+    }
     let tensors: HashMap<&str, Tensor> = vars
         .iter()
         .map(|(name, var)| (name.as_str(), var.as_tensor().clone()))

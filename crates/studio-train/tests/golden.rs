@@ -18,9 +18,37 @@ use studio_train::rng::Rng;
 use studio_train::LoraSettings;
 
 struct Fixture {
-    loaded: LoadedModel,
+    gguf: LoadedModel,
     golden: Value,
     text: Value,
+}
+
+/// Where a test's model comes from: the GGUF file, or a Hugging Face folder holding the same
+/// weights in shards beside the `config.json` and tokenizer files that `transformers` wrote.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Gguf,
+    HuggingFace,
+}
+
+const SOURCES: [Source; 2] = [Source::Gguf, Source::HuggingFace];
+
+fn loaded(source: Source) -> &'static LoadedModel {
+    match source {
+        Source::Gguf => &fixture().gguf,
+        Source::HuggingFace => hugging_face_model(),
+    }
+}
+
+fn hugging_face_model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2-hugging-face");
+        let gguf = &fixture().gguf;
+        let model = Llama::from_weights(&gguf.config, &gguf.weights, &Device::Cpu).unwrap();
+        write_hugging_face_folder(&model, false, &dir);
+        load_model(&dir, &Device::Cpu).expect("the Hugging Face folder loads")
+    })
 }
 
 fn repo_root() -> PathBuf {
@@ -54,7 +82,7 @@ fn read_json(name: &str) -> Value {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| Fixture {
-        loaded: load_model(&model_path(), &Device::Cpu).expect("the demo model loads"),
+        gguf: load_model(&model_path(), &Device::Cpu).expect("the demo model loads"),
         golden: read_json("smollm2_golden.json"),
         text: read_json("smollm2_text_loss.json"),
     })
@@ -94,13 +122,13 @@ fn conversation(value: &Value) -> Conversation {
     Conversation { messages }
 }
 
-fn template() -> ChatTemplate {
-    ChatTemplate::new(fixture().loaded.chat_template.as_deref().expect("GGUF has a chat template")).unwrap()
+fn template(source: Source) -> ChatTemplate {
+    ChatTemplate::new(loaded(source).chat_template.as_deref().expect("the model has a chat template")).unwrap()
 }
 
-fn encode(conversation: &Conversation) -> EncodedExample {
-    let loaded = &fixture().loaded;
-    let template = template();
+fn encode(source: Source, conversation: &Conversation) -> EncodedExample {
+    let loaded = loaded(source);
+    let template = template(source);
     let encoder = ChatEncoder {
         template: &template,
         tokenizer: &loaded.tokenizer,
@@ -109,12 +137,12 @@ fn encode(conversation: &Conversation) -> EncodedExample {
     encoder.encode(conversation).unwrap()
 }
 
-fn chat_example(index: usize) -> EncodedExample {
-    encode(&conversation(&fixture().golden["chat_sft"][index]["messages"]))
+fn chat_example(source: Source, index: usize) -> EncodedExample {
+    encode(source, &conversation(&fixture().golden["chat_sft"][index]["messages"]))
 }
 
-fn base_model() -> Llama {
-    let loaded = &fixture().loaded;
+fn base_model(source: Source) -> Llama {
+    let loaded = loaded(source);
     Llama::from_weights(&loaded.config, &loaded.weights, &Device::Cpu).unwrap()
 }
 
@@ -123,8 +151,8 @@ fn reference_lora_settings() -> LoraSettings {
 }
 
 /// Builds the base model with `reference_adapter/` loaded.
-fn reference_adapted_model() -> Llama {
-    let mut model = base_model();
+fn reference_adapted_model(source: Source) -> Llama {
+    let mut model = base_model(source);
     lora::attach(&mut model, &reference_lora_settings(), &mut Rng::new(0)).unwrap();
     lora::load_adapter_weights(&mut model, &reference_dir().join("reference_adapter")).unwrap();
     model
@@ -132,7 +160,7 @@ fn reference_adapted_model() -> Llama {
 
 /// Computes the mean loss over the batch's target tokens, still attached to the graph.
 fn mean_loss(model: &Llama, examples: &[&EncodedExample]) -> Tensor {
-    let batch = Batch::new(examples, fixture().loaded.special.pad, &Device::Cpu).unwrap();
+    let batch = Batch::new(examples, fixture().gguf.special.pad, &Device::Cpu).unwrap();
     let loss = batch_loss(model, &batch, &mut ForwardContext::eval()).unwrap();
     (loss.sum_nll / batch.n_targets as f64).unwrap()
 }
@@ -143,23 +171,30 @@ fn scalar(tensor: &Tensor) -> f64 {
 
 #[test]
 fn tokenizer_matches_reference_ids() {
-    let loaded = &fixture().loaded;
     let golden = &fixture().golden;
-    for case in golden["tokenizer_cases"].as_array().unwrap() {
-        let text = case["text"].as_str().unwrap();
-        let encoding = loaded.tokenizer.encode(text, false).unwrap();
-        assert_eq!(encoding.get_ids(), ids_of(&case["ids"]).as_slice(), "token ids of {text:?}");
+    let text = std::fs::read_to_string(reference_dir().join("apache2_two_paragraphs.txt")).unwrap();
+    for source in SOURCES {
+        let tokenizer = &loaded(source).tokenizer;
+        for case in golden["tokenizer_cases"].as_array().unwrap() {
+            let case_text = case["text"].as_str().unwrap();
+            let encoding = tokenizer.encode(case_text, false).unwrap();
+            assert_eq!(encoding.get_ids(), ids_of(&case["ids"]).as_slice(), "{source:?}: token ids of {case_text:?}");
+        }
+        let encoding = tokenizer.encode(text.as_str(), false).unwrap();
+        assert_eq!(encoding.get_ids(), ids_of(&fixture().text["all_ids"]).as_slice(), "{source:?}: reference text");
     }
+}
 
-    let text_path = reference_dir().join("apache2_two_paragraphs.txt");
-    let text = std::fs::read_to_string(text_path).unwrap();
-    let encoding = loaded.tokenizer.encode(text.as_str(), false).unwrap();
-    assert_eq!(encoding.get_ids(), ids_of(&fixture().text["all_ids"]).as_slice());
+#[test]
+fn hugging_face_folder_config_matches_gguf() {
+    let folder = hugging_face_model();
+    assert_eq!(folder.config, fixture().gguf.config, "config.json read as the GGUF metadata");
+    assert_eq!(folder.special, fixture().gguf.special, "special tokens from tokenizer_config.json");
 }
 
 #[test]
 fn gguf_weights_match_reference() {
-    let loaded = &fixture().loaded;
+    let loaded = &fixture().gguf;
     let reference = fixture().golden["weights_reference"].as_object().unwrap();
     for (name, expected) in reference {
         let weight = loaded.weights.get(name).unwrap_or_else(|| panic!("weight {name} is missing"));
@@ -197,74 +232,80 @@ fn base_text_loss_and_logits_match_reference() {
         targets: vec![true; ids.len()],
         ids: ids.clone(),
     };
-    let model = base_model();
-    let loss = scalar(&mean_loss(&model, &[&example]));
-    assert!((loss - f64_at(&reference["mean_loss_ce_fp32"])).abs() < 1e-3, "text loss {loss}");
+    for source in SOURCES {
+        let model = base_model(source);
+        let loss = scalar(&mean_loss(&model, &[&example]));
+        assert!((loss - f64_at(&reference["mean_loss_ce_fp32"])).abs() < 1e-3, "{source:?}: text loss {loss}");
 
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let hidden = model.hidden_states(&input, &[ids.len()], &mut ForwardContext::eval()).unwrap();
-    let logits = model.logits(&hidden).unwrap();
-    for case in reference["top5"].as_array().unwrap() {
-        let position = case["pos"].as_u64().unwrap() as usize;
-        let row: Vec<f32> = logits.get(position).unwrap().to_vec1().unwrap();
-        let expected_ids = ids_of(&case["top5_ids"]);
-        for (rank, expected) in case["top5_logits"].as_array().unwrap().iter().enumerate() {
-            let id = expected_ids[rank] as usize;
-            let actual = f64::from(row[id]);
-            assert!((actual - f64_at(expected)).abs() < 2e-3, "logit of token {id} at position {position}: {actual} vs {expected}");
+        let logits = last_logits(&model, &example);
+        for case in reference["top5"].as_array().unwrap() {
+            let position = case["pos"].as_u64().unwrap() as usize;
+            let row: Vec<f32> = logits.get(position).unwrap().to_vec1().unwrap();
+            let expected_ids = ids_of(&case["top5_ids"]);
+            for (rank, expected) in case["top5_logits"].as_array().unwrap().iter().enumerate() {
+                let id = expected_ids[rank] as usize;
+                let actual = f64::from(row[id]);
+                assert!((actual - f64_at(expected)).abs() < 2e-3, "{source:?}: logit of token {id} at position {position}: {actual} vs {expected}");
+            }
+            let mut order: Vec<usize> = (0..row.len()).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            assert_eq!(order[0], expected_ids[0] as usize, "{source:?}: top token at position {position}");
         }
-        let mut order: Vec<usize> = (0..row.len()).collect();
-        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
-        assert_eq!(order[0], expected_ids[0] as usize, "top token at position {position}");
     }
 }
 
 #[test]
 fn chat_template_and_mask_match_reference() {
-    let rendered_template = template();
-    for (index, case) in fixture().golden["chat_sft"].as_array().unwrap().iter().enumerate() {
-        let conversation = conversation(&case["messages"]);
-        let rendered = rendered_template.render(&conversation.messages, false).unwrap();
-        assert_eq!(rendered, case["rendered"].as_str().unwrap(), "rendering of conversation {index}");
+    for source in SOURCES {
+        let rendered_template = template(source);
+        for (index, case) in fixture().golden["chat_sft"].as_array().unwrap().iter().enumerate() {
+            let conversation = conversation(&case["messages"]);
+            let rendered = rendered_template.render(&conversation.messages, false).unwrap();
+            assert_eq!(rendered, case["rendered"].as_str().unwrap(), "{source:?}: rendering of conversation {index}");
 
-        let example = encode(&conversation);
-        assert_eq!(example.ids, ids_of(&case["input_ids"]), "token ids of conversation {index}");
-        let mask: Vec<bool> = case["target_mask"].as_array().unwrap().iter().map(|v| v.as_u64() == Some(1)).collect();
-        assert_eq!(example.targets, mask, "target mask of conversation {index}");
-        assert_eq!(example.n_targets() as u64, case["n_targets"].as_u64().unwrap());
+            let example = encode(source, &conversation);
+            assert_eq!(example.ids, ids_of(&case["input_ids"]), "{source:?}: token ids of conversation {index}");
+            let mask: Vec<bool> = case["target_mask"].as_array().unwrap().iter().map(|v| v.as_u64() == Some(1)).collect();
+            assert_eq!(example.targets, mask, "{source:?}: target mask of conversation {index}");
+            assert_eq!(example.n_targets() as u64, case["n_targets"].as_u64().unwrap());
+        }
     }
 }
 
 #[test]
 fn masked_chat_loss_matches_reference() {
-    let model = base_model();
-    for (index, case) in fixture().golden["chat_sft"].as_array().unwrap().iter().enumerate() {
-        let loss = scalar(&mean_loss(&model, &[&chat_example(index)]));
-        let expected = f64_at(&case["masked_mean_loss"]);
-        assert!((loss - expected).abs() < 1e-3, "conversation {index}: loss {loss}, expected {expected}");
+    for source in SOURCES {
+        let model = base_model(source);
+        for (index, case) in fixture().golden["chat_sft"].as_array().unwrap().iter().enumerate() {
+            let loss = scalar(&mean_loss(&model, &[&chat_example(source, index)]));
+            let expected = f64_at(&case["masked_mean_loss"]);
+            assert!((loss - expected).abs() < 1e-3, "{source:?}: conversation {index}: loss {loss}, expected {expected}");
+        }
     }
 }
 
 #[test]
 fn lora_loss_and_gradients_match_reference() {
     let reference = &fixture().golden["lora_reference"];
-    let model = reference_adapted_model();
-    let loss = mean_loss(&model, &[&chat_example(0)]);
-    assert!((scalar(&loss) - f64_at(&reference["masked_mean_loss"])).abs() < 1e-3);
+    for source in SOURCES {
+        let model = reference_adapted_model(source);
+        let loss = mean_loss(&model, &[&chat_example(source, 0)]);
+        assert!((scalar(&loss) - f64_at(&reference["masked_mean_loss"])).abs() < 1e-3, "{source:?}: loss");
 
-    let grads = loss.backward().unwrap();
-    let total = global_grad_norm(&model.lora_vars(), &grads).unwrap();
-    assert_close(total, f64_at(&reference["grad_total_norm_all_lora"]), 1e-3, "total LoRA gradient norm");
+        let grads = loss.backward().unwrap();
+        let total = global_grad_norm(&model.lora_vars(), &grads).unwrap();
+        assert_close(total, f64_at(&reference["grad_total_norm_all_lora"]), 1e-3, &format!("{source:?}: total LoRA gradient norm"));
 
-    let tensors = lora::adapter_tensors(&model);
-    for (key, expected) in reference["grads"].as_object().unwrap() {
-        let grad = grads.get(&tensors[key]).unwrap_or_else(|| panic!("no gradient for {key}"));
-        let norm = f64::from(grad.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap());
-        assert_close(norm, f64_at(&expected["frobenius_norm"]), 1e-3, &format!("gradient norm of {key}"));
-        let first: Vec<f32> = grad.flatten_all().unwrap().narrow(0, 0, 5).unwrap().to_vec1().unwrap();
-        for (i, value) in expected["first5"].as_array().unwrap().iter().enumerate() {
-            let expected = f64_at(value);
-            assert!((f64::from(first[i]) - expected).abs() <= 2e-3 * expected.abs() + 1e-8, "{key}[{i}]: {} vs {expected}", first[i]);
+        let tensors = lora::adapter_tensors(&model);
+        for (key, expected) in reference["grads"].as_object().unwrap() {
+            let grad = grads.get(&tensors[key]).unwrap_or_else(|| panic!("no gradient for {key}"));
+            let norm = f64::from(grad.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap());
+            assert_close(norm, f64_at(&expected["frobenius_norm"]), 1e-3, &format!("{source:?}: gradient norm of {key}"));
+            let first: Vec<f32> = grad.flatten_all().unwrap().narrow(0, 0, 5).unwrap().to_vec1().unwrap();
+            for (i, value) in expected["first5"].as_array().unwrap().iter().enumerate() {
+                let expected = f64_at(value);
+                assert!((f64::from(first[i]) - expected).abs() <= 2e-3 * expected.abs() + 1e-8, "{source:?}: {key}[{i}]: {} vs {expected}", first[i]);
+            }
         }
     }
 }
@@ -272,41 +313,45 @@ fn lora_loss_and_gradients_match_reference() {
 #[test]
 fn lora_adamw_steps_match_reference() {
     let reference = &fixture().golden["lora_training_reference"];
-    let model = reference_adapted_model();
-    let mut optimizer = AdamW::new(model.lora_vars(), AdamWConfig::default()).unwrap();
-    for step in 0..3 {
-        let loss = mean_loss(&model, &[&chat_example(step)]);
-        let grads = loss.backward().unwrap();
-        let grad_norm = global_grad_norm(optimizer.params(), &grads).unwrap();
-        assert_close(scalar(&loss), f64_at(&reference["loss_before_each_step"][step]), 1e-3, &format!("loss before step {step}"));
-        assert_close(grad_norm, f64_at(&reference["grad_norm_each_step"][step]), 1e-3, &format!("gradient norm at step {step}"));
-        optimizer.step(&grads, 1e-3).unwrap();
+    for source in SOURCES {
+        let model = reference_adapted_model(source);
+        let mut optimizer = AdamW::new(model.lora_vars(), AdamWConfig::default()).unwrap();
+        for step in 0..3 {
+            let loss = mean_loss(&model, &[&chat_example(source, step)]);
+            let grads = loss.backward().unwrap();
+            let grad_norm = global_grad_norm(optimizer.params(), &grads).unwrap();
+            assert_close(scalar(&loss), f64_at(&reference["loss_before_each_step"][step]), 1e-3, &format!("{source:?}: loss before step {step}"));
+            assert_close(grad_norm, f64_at(&reference["grad_norm_each_step"][step]), 1e-3, &format!("{source:?}: gradient norm at step {step}"));
+            optimizer.step(&grads, 1e-3).unwrap();
+        }
+        let after = scalar(&mean_loss(&model, &[&chat_example(source, 0)]));
+        assert_close(after, f64_at(&reference["loss_chat_sft0_after_3_steps"]), 1e-3, &format!("{source:?}: loss after three steps"));
     }
-    let after = scalar(&mean_loss(&model, &[&chat_example(0)]));
-    assert_close(after, f64_at(&reference["loss_chat_sft0_after_3_steps"]), 1e-3, "loss after three steps");
 }
 
 #[test]
 fn padded_batch_matches_reference() {
     let reference = &fixture().golden["batch_reference"];
-    let model = reference_adapted_model();
-    let (first, second) = (chat_example(0), chat_example(1));
-    let batch = Batch::new(&[&first, &second], 2, &Device::Cpu).unwrap();
-    assert_eq!(batch.n_targets as u64, reference["n_targets"].as_u64().unwrap());
+    for source in SOURCES {
+        let model = reference_adapted_model(source);
+        let (first, second) = (chat_example(source, 0), chat_example(source, 1));
+        let batch = Batch::new(&[&first, &second], 2, &Device::Cpu).unwrap();
+        assert_eq!(batch.n_targets as u64, reference["n_targets"].as_u64().unwrap());
 
-    let loss = mean_loss(&model, &[&first, &second]);
-    assert_close(scalar(&loss), f64_at(&reference["loss"]), 1e-3, "batch loss");
-    let grads = loss.backward().unwrap();
-    let norm = global_grad_norm(&model.lora_vars(), &grads).unwrap();
-    assert_close(norm, f64_at(&reference["grad_total_norm_all_lora"]), 1e-3, "batch gradient norm");
+        let loss = mean_loss(&model, &[&first, &second]);
+        assert_close(scalar(&loss), f64_at(&reference["loss"]), 1e-3, &format!("{source:?}: batch loss"));
+        let grads = loss.backward().unwrap();
+        let norm = global_grad_norm(&model.lora_vars(), &grads).unwrap();
+        assert_close(norm, f64_at(&reference["grad_total_norm_all_lora"]), 1e-3, &format!("{source:?}: batch gradient norm"));
+    }
 }
 
 #[test]
 fn fresh_lora_matches_base_then_trains() {
-    let example = chat_example(0);
-    let base_loss = scalar(&mean_loss(&base_model(), &[&example]));
+    let example = chat_example(Source::Gguf, 0);
+    let base_loss = scalar(&mean_loss(&base_model(Source::Gguf), &[&example]));
 
-    let mut model = base_model();
+    let mut model = base_model(Source::Gguf);
     let settings = reference_lora_settings();
     lora::attach(&mut model, &settings, &mut Rng::new(1)).unwrap();
     let loss = mean_loss(&model, &[&example]);
@@ -330,8 +375,8 @@ fn fresh_lora_matches_base_then_trains() {
 
 #[test]
 fn reference_adapter_gives_every_matrix_a_gradient() {
-    let model = reference_adapted_model();
-    let grads = mean_loss(&model, &[&chat_example(1)]).backward().unwrap();
+    let model = reference_adapted_model(Source::Gguf);
+    let grads = mean_loss(&model, &[&chat_example(Source::Gguf, 1)]).backward().unwrap();
     for (key, tensor) in lora::adapter_tensors(&model) {
         let grad = grads.get(&tensor).unwrap_or_else(|| panic!("{key} received no gradient"));
         let norm = grad.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
@@ -339,51 +384,19 @@ fn reference_adapter_gives_every_matrix_a_gradient() {
     }
 }
 
-/// Writes the GGUF model as a Hugging Face folder in shards, then puts the tokenizer files and
+/// Writes `model` as a Hugging Face folder in 200 MB shards, then puts the tokenizer files and
 /// `config.json` that `transformers` wrote for this model beside the weights.
-fn hugging_face_folder(model: &Llama, merge_lora: bool) -> tempfile::TempDir {
-    let loaded = &fixture().loaded;
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("model");
+fn write_hugging_face_folder(model: &Llama, merge_lora: bool, dir: &Path) {
+    let gguf = &fixture().gguf;
     let metadata = FolderMetadata {
-        tokenizer: &loaded.tokenizer,
-        chat_template: loaded.chat_template.as_deref(),
-        special: loaded.special,
+        tokenizer: &gguf.tokenizer,
+        chat_template: gguf.chat_template.as_deref(),
+        special: gguf.special,
     };
-    save_model_folder(model, &metadata, merge_lora, 200_000_000, &dir).unwrap();
+    save_model_folder(model, &metadata, merge_lora, 200_000_000, dir).unwrap();
     assert!(dir.join("model.safetensors.index.json").is_file(), "a 540 MB model in 200 MB shards needs an index");
     for file in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"] {
         std::fs::copy(reference_dir().join("smollm2-tokenizer").join(file), dir.join(file)).unwrap();
-    }
-    root
-}
-
-#[test]
-fn hugging_face_folder_matches_reference() {
-    let root = hugging_face_folder(&base_model(), false);
-    let loaded = load_model(&root.path().join("model"), &Device::Cpu).unwrap();
-    assert_eq!(loaded.config, fixture().loaded.config, "config read from config.json");
-    assert_eq!(loaded.special, fixture().loaded.special, "special tokens from tokenizer_config.json");
-
-    for case in fixture().golden["tokenizer_cases"].as_array().unwrap() {
-        let text = case["text"].as_str().unwrap();
-        let ids = loaded.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
-        assert_eq!(ids, ids_of(&case["ids"]), "token ids of {text:?}");
-    }
-
-    let template = ChatTemplate::new(loaded.chat_template.as_deref().unwrap()).unwrap();
-    let encoder = ChatEncoder {
-        template: &template,
-        tokenizer: &loaded.tokenizer,
-        end_of_turn: "<|im_end|>",
-    };
-    let model = Llama::from_weights(&loaded.config, &loaded.weights, &Device::Cpu).unwrap();
-    for (index, case) in fixture().golden["chat_sft"].as_array().unwrap().iter().enumerate() {
-        let example = encoder.encode(&conversation(&case["messages"])).unwrap();
-        assert_eq!(example.ids, ids_of(&case["input_ids"]), "token ids of conversation {index}");
-        let loss = scalar(&mean_loss(&model, &[&example]));
-        let expected = f64_at(&case["masked_mean_loss"]);
-        assert!((loss - expected).abs() < 1e-3, "conversation {index}: loss {loss}, expected {expected}");
     }
 }
 
@@ -393,39 +406,58 @@ fn last_logits(model: &Llama, example: &EncodedExample) -> Tensor {
     model.logits(&hidden).unwrap()
 }
 
+fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Exports `model`, reloads the folder and returns the reloaded model's logits on `example`.
+fn logits_after_export(model: &Llama, merge_lora: bool, example: &EncodedExample) -> Tensor {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("model");
+    write_hugging_face_folder(model, merge_lora, &dir);
+    let loaded = load_model(&dir, &Device::Cpu).unwrap();
+    let reloaded = Llama::from_weights(&loaded.config, &loaded.weights, &Device::Cpu).unwrap();
+    last_logits(&reloaded, example)
+}
+
 #[test]
 fn merged_export_reloads_with_same_logits() {
-    let example = chat_example(2);
-    let adapted = reference_adapted_model();
+    let example = chat_example(Source::Gguf, 2);
+    let adapted = reference_adapted_model(Source::Gguf);
     let expected = last_logits(&adapted, &example);
 
-    let root = hugging_face_folder(&adapted, true);
-    let loaded = load_model(&root.path().join("model"), &Device::Cpu).unwrap();
-    let merged = Llama::from_weights(&loaded.config, &loaded.weights, &Device::Cpu).unwrap();
-    let actual = last_logits(&merged, &example);
-
-    let difference = (actual - &expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let merged = logits_after_export(&adapted, true, &example);
+    let difference = max_difference(&merged, &expected);
     assert!(difference < 1e-3, "merged logits differ by {difference}");
-    let base_difference = (last_logits(&base_model(), &example) - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let base_difference = max_difference(&last_logits(&base_model(Source::Gguf), &example), &expected);
     assert!(base_difference > 1e-2, "the reference adapter should change the logits, changed by {base_difference}");
 }
 
 #[test]
 fn full_adamw_steps_match_reference() {
     let reference = &fixture().golden["full_training_reference"];
-    let mut model = base_model();
-    let vars: Vec<_> = model.make_all_trainable().unwrap().into_iter().map(|(_, var)| var).collect();
-    assert_eq!(vars.iter().map(|v| v.elem_count()).sum::<usize>(), 134_515_008, "tied parameters counted once");
+    for source in SOURCES {
+        let mut model = base_model(source);
+        let vars: Vec<_> = model.make_all_trainable().unwrap().into_iter().map(|(_, var)| var).collect();
+        assert_eq!(vars.iter().map(|v| v.elem_count()).sum::<usize>(), 134_515_008, "tied parameters counted once");
 
-    let mut optimizer = AdamW::new(vars, AdamWConfig::default()).unwrap();
-    for step in 0..2 {
-        let loss = mean_loss(&model, &[&chat_example(step)]);
-        let grads = loss.backward().unwrap();
-        let grad_norm = global_grad_norm(optimizer.params(), &grads).unwrap();
-        assert_close(scalar(&loss), f64_at(&reference["loss_before_each_step"][step]), 1e-3, &format!("loss before step {step}"));
-        assert_close(grad_norm, f64_at(&reference["grad_norm_each_step"][step]), 1e-3, &format!("gradient norm at step {step}"));
-        optimizer.step(&grads, 1e-5).unwrap();
+        let mut optimizer = AdamW::new(vars, AdamWConfig::default()).unwrap();
+        for step in 0..2 {
+            let loss = mean_loss(&model, &[&chat_example(source, step)]);
+            let grads = loss.backward().unwrap();
+            let grad_norm = global_grad_norm(optimizer.params(), &grads).unwrap();
+            assert_close(scalar(&loss), f64_at(&reference["loss_before_each_step"][step]), 1e-3, &format!("{source:?}: loss before step {step}"));
+            assert_close(grad_norm, f64_at(&reference["grad_norm_each_step"][step]), 1e-3, &format!("{source:?}: gradient norm at step {step}"));
+            optimizer.step(&grads, 1e-5).unwrap();
+        }
+        let after = scalar(&mean_loss(&model, &[&chat_example(source, 0)]));
+        assert_close(after, f64_at(&reference["loss_chat_sft0_after_2_steps"]), 1e-3, &format!("{source:?}: loss after two steps"));
+
+        if let Source::Gguf = source {
+            let example = chat_example(source, 2);
+            let expected = last_logits(&model, &example);
+            let difference = max_difference(&logits_after_export(&model, false, &example), &expected);
+            assert!(difference < 1e-4, "fully fine-tuned logits differ by {difference} after export");
+        }
     }
-    let after = scalar(&mean_loss(&model, &[&chat_example(0)]));
-    assert_close(after, f64_at(&reference["loss_chat_sft0_after_2_steps"]), 1e-3, "loss after two steps");
 }
