@@ -46,6 +46,9 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_) => StoreError::Unavailable(err.into()),
+            sqlx::Error::Database(db) if is_sqlite_busy(db.as_ref()) => {
+                StoreError::Unavailable(err.into())
+            }
             sqlx::Error::Database(db) => match db.kind() {
                 sqlx::error::ErrorKind::UniqueViolation => StoreError::Conflict(format!(
                     "a row with the same key already exists ({})",
@@ -64,6 +67,18 @@ impl From<sqlx::Error> for StoreError {
             _ => StoreError::other("database error", err),
         }
     }
+}
+
+/// SQLite's "database is locked": another connection held the write lock past the busy timeout.
+fn is_sqlite_busy(db: &dyn sqlx::error::DatabaseError) -> bool {
+    const SQLITE_BUSY: i32 = 5;
+    const SQLITE_LOCKED: i32 = 6;
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_none() {
+        return false;
+    }
+    // Extended result codes keep the primary code in the low 8 bits.
+    let primary = db.code().and_then(|code| code.parse::<i32>().ok()).map(|code| code & 0xff);
+    matches!(primary, Some(SQLITE_BUSY | SQLITE_LOCKED))
 }
 
 fn constraint(db: &dyn sqlx::error::DatabaseError) -> String {

@@ -11,9 +11,11 @@ mod error;
 pub mod keys;
 mod postgres;
 mod records;
+mod rows;
+mod sqlite;
 mod store;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use artifacts::{ArtifactStore, ArtifactWriter};
@@ -21,6 +23,7 @@ pub use catalog::{BaseModel, CatalogError, ModelCatalog, ModelFormat};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::StoreError;
 pub use postgres::PgStore;
+pub use sqlite::{sqlite_path, SqliteStore};
 pub use records::{
     CancelOutcome, CheckpointRecord, EventLevel, EventRecord, EventType, FileRecord, Heartbeat,
     JobError, JobRecord, MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest,
@@ -28,18 +31,30 @@ pub use records::{
 };
 pub use store::Store;
 
-/// The migrations of `migrations/` at the repository root, embedded at build time.
+/// The Postgres migrations of `migrations/` at the repository root, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// The SQLite migrations of `migrations-sqlite/` at the repository root, embedded at build time.
+pub static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations-sqlite");
+
+/// The name of the SQLite database file in the data folder when no database URL is given.
+pub const SQLITE_FILE_NAME: &str = "studio.db";
 
 /// The locations of the service's state.
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
-    /// `postgres://…`.
+    /// `postgres://…` for Postgres, or `sqlite://PATH` for an SQLite file;
+    /// [`sqlite_url`] names the default file in the data folder.
     pub database_url: String,
     /// Artifacts go to `data_dir/artifacts`.
     pub data_dir: PathBuf,
     /// Base models: `NAME.gguf` files and Hugging Face folders `NAME/`.
     pub models_dir: PathBuf,
+}
+
+/// Returns the URL of the default SQLite database, `DATA_DIR/studio.db`.
+pub fn sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join(SQLITE_FILE_NAME).display())
 }
 
 /// Everything the API and the worker need from storage.
@@ -51,30 +66,52 @@ pub struct Services {
 }
 
 impl Services {
-    /// Connects to the database and prepares the artifact folder. It does not migrate; call
-    /// [`migrate`] first.
+    /// Connects to the database of `settings.database_url` (Postgres or SQLite, by its scheme)
+    /// and prepares the artifact folder. It does not migrate; call [`migrate`] first.
     pub async fn open(settings: &StoreSettings) -> Result<Services, StoreError> {
-        let pool = postgres::connect(&settings.database_url).await?;
+        let clock = Arc::new(SystemClock);
+        let store: Arc<dyn Store> = match sqlite::sqlite_path(&settings.database_url) {
+            Some(path) => Arc::new(SqliteStore::open(&path?, clock).await?),
+            None => Arc::new(PgStore::new(postgres::connect(&settings.database_url).await?, clock)),
+        };
         let artifacts = ArtifactStore::new(settings.data_dir.join("artifacts"));
         tokio::fs::create_dir_all(artifacts.root()).await?;
         Ok(Services {
-            store: Arc::new(PgStore::new(pool, Arc::new(SystemClock))),
+            store,
             artifacts: Arc::new(artifacts),
             models: ModelCatalog::new(&settings.models_dir),
         })
     }
 }
 
-/// Runs the embedded migrations against `database_url`; already applied ones are skipped.
+/// Runs the embedded migrations of the backend that `database_url` names (`postgres://…` or
+/// `sqlite://PATH`, whose file is created when missing); already applied ones are skipped.
 pub async fn migrate(database_url: &str) -> Result<(), StoreError> {
-    let pool = postgres::connect(database_url).await?;
-    MIGRATOR.run(&pool).await.map_err(|err| match err {
+    match sqlite::sqlite_path(database_url) {
+        Some(path) => {
+            let pool = sqlite::connect(&path?).await?;
+            run_migrations(&SQLITE_MIGRATOR, &pool).await?;
+            pool.close().await;
+        }
+        None => {
+            let pool = postgres::connect(database_url).await?;
+            run_migrations(&MIGRATOR, &pool).await?;
+            pool.close().await;
+        }
+    }
+    Ok(())
+}
+
+async fn run_migrations<'a, A>(migrator: &sqlx::migrate::Migrator, pool: A) -> Result<(), StoreError>
+where
+    A: sqlx::Acquire<'a>,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
+{
+    migrator.run(pool).await.map_err(|err| match err {
         sqlx::migrate::MigrateError::Execute(err) => StoreError::from(err),
         other => StoreError::Other {
             context: "database migration failed".into(),
             source: other.into(),
         },
-    })?;
-    pool.close().await;
-    Ok(())
+    })
 }

@@ -16,13 +16,14 @@ use crate::records::{
     JobError, JobRecord, MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest,
     RescuedJob,
 };
+use crate::rows::{corrupt, into_page, job_id, status, to_i64, to_u64};
 use crate::{Clock, Store, StoreError};
 
 /// Opens a pool on `database_url`, failing fast when the server cannot be reached.
 pub(crate) async fn connect(database_url: &str) -> Result<PgPool, StoreError> {
     if !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://") {
         return Err(StoreError::Conflict(
-            "unsupported database URL: expected postgres://USER@HOST:PORT/DATABASE".into(),
+            "unsupported database URL: use postgres://USER@HOST:PORT/DATABASE or sqlite://PATH".into(),
         ));
     }
     let pool = PgPoolOptions::new()
@@ -627,39 +628,6 @@ fn qualified_job_columns() -> String {
         .map(|column| format!("jobs.{}", column.trim()))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Splits the `limit + 1` rows of a page query into the page and `has_more`.
-fn into_page<T>(
-    mut rows: Vec<PgRow>,
-    limit: u32,
-    decode: impl Fn(&PgRow) -> Result<T, StoreError>,
-) -> Result<Page<T>, StoreError> {
-    let has_more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
-    let data = rows.iter().map(decode).collect::<Result<_, _>>()?;
-    Ok(Page { data, has_more })
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn to_u64(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
-}
-
-/// A stored value the current code cannot read: the database was written by another version.
-fn corrupt(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
-    StoreError::other(format!("cannot decode stored {what}"), err)
-}
-
-fn job_id(value: String) -> Result<JobId, StoreError> {
-    JobId::parse(&value).map_err(|err| corrupt("job id", err))
-}
-
-fn status(value: String) -> Result<JobStatus, StoreError> {
-    value.parse().map_err(|err| corrupt("job status", err))
 }
 
 fn file_from_row(row: &PgRow) -> Result<FileRecord, StoreError> {

@@ -9,7 +9,7 @@ use crate::records::{
 };
 use crate::StoreError;
 
-/// Persistence and the job queue. Backends (Postgres now, SQLite next) implement the same
+/// Persistence and the job queue. Backends (Postgres and SQLite) implement the same
 /// contract; every method takes and returns domain types only.
 ///
 /// Lists are newest first and paged with `after` (an id from the previous page) and `limit`.

@@ -1,49 +1,113 @@
-//! PgStore against a real Postgres; each test gets a fresh database from `#[sqlx::test]`.
+//! The cases of the `Store` contract, written once against `&dyn Store` and an injected clock.
+//! Each backend module turns every case into a test with `conformance_cases!`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeDelta, TimeZone, Utc};
 use serde_json::json;
-use sqlx::PgPool;
 use studio_core::dataset::DatasetFormat;
 use studio_core::{CheckpointId, FileId, JobId, JobSpec, JobStatus};
 use studio_store::{
     CancelOutcome, Clock, EventLevel, JobError, ManualClock, MetricPoint, NewCheckpoint, NewEvent,
-    NewFile, NewJob, PageRequest, PgStore, Store, StoreError,
+    NewFile, NewJob, PageRequest, Store, StoreError,
 };
 
-const LEASE: Duration = Duration::from_secs(30);
+pub const LEASE: Duration = Duration::from_secs(30);
 
-struct Fixture {
-    store: PgStore,
-    clock: Arc<ManualClock>,
-    file: FileId,
+/// Generates one test per case in the calling module. That module defines `Backend`, with
+/// `async fn open() -> Option<Backend>` (`None` when the backend is not configured), a
+/// `fixture` field and `async fn close(self)`.
+macro_rules! conformance_cases {
+    () => {
+        conformance_cases!(
+            claim_takes_oldest_queued_job,
+            claim_on_empty_queue_returns_none,
+            claim_skips_running_and_cancelled_jobs,
+            concurrent_claimers_never_share_a_job,
+            heartbeat_extends_lease,
+            heartbeat_reports_cancel_request,
+            heartbeat_of_other_worker_fails,
+            worker_that_lost_job_cannot_complete_it,
+            worker_that_lost_job_cannot_change_it,
+            rescue_requeues_and_counts_attempt,
+            rescue_fails_job_out_of_attempts,
+            rescue_leaves_live_lease_alone,
+            rescue_cancels_job_with_cancel_request,
+            complete_sets_terminal_fields,
+            fail_stores_error_fields,
+            cancel_of_queued_job_is_immediate,
+            cancel_of_running_job_is_requested,
+            cancel_running_job_sets_cancelled,
+            cancel_of_finished_job_changes_nothing,
+            cancel_of_unknown_job_is_not_found,
+            release_requeues_without_counting_attempt,
+            jobs_page_newest_first,
+            succeeded_jobs_list_newest_first,
+            page_after_unknown_id_is_not_found,
+            page_after_id_with_nul_is_not_found,
+            events_page_newest_first,
+            event_keeps_level_type_and_data,
+            metrics_list_by_step_and_overwrite,
+            metrics_of_lost_job_are_rejected,
+            metrics_keep_token_accuracy,
+            checkpoints_list_latest_step_first,
+            checkpoint_of_same_step_is_replaced,
+            checkpoint_of_lost_job_is_rejected,
+            checkpoint_of_other_job_is_not_found,
+            files_page_and_get,
+            duplicate_file_id_is_conflict,
+            job_with_unknown_file_is_conflict,
+        );
+    };
+    ($($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let Some(backend) = Backend::open().await else {
+                    return;
+                };
+                crate::suite::$case(&backend.fixture).await;
+                backend.close().await;
+            }
+        )+
+    };
 }
 
-async fn fixture(pool: PgPool) -> Fixture {
-    let clock = Arc::new(ManualClock::new(
+/// A store with one uploaded file, on a clock that moves only when a case advances it.
+pub struct Fixture {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<ManualClock>,
+    pub file: FileId,
+}
+
+pub fn start_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(
         Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
-    ));
-    let store = PgStore::new(pool, clock.clone());
+    ))
+}
+
+/// Uploads the training file every job of the cases refers to.
+pub async fn fixture(store: Arc<dyn Store>, clock: Arc<ManualClock>) -> Fixture {
     let file = FileId::new();
-    store
-        .insert_file(&NewFile {
-            id: file.clone(),
-            filename: "train.jsonl".into(),
-            purpose: "fine-tune".into(),
-            bytes: 10,
-            sha256: "0".repeat(64),
-            format: DatasetFormat::Chat,
-            line_count: 1,
-        })
-        .await
-        .unwrap();
+    store.insert_file(&new_file(&file)).await.unwrap();
     Fixture { store, clock, file }
 }
 
+fn new_file(id: &FileId) -> NewFile {
+    NewFile {
+        id: id.clone(),
+        filename: "train.jsonl".into(),
+        purpose: "fine-tune".into(),
+        bytes: 10,
+        sha256: "0".repeat(64),
+        format: DatasetFormat::Chat,
+        line_count: 1,
+    }
+}
+
 impl Fixture {
-    async fn queue_job(&self) -> JobId {
+    pub async fn queue_job(&self) -> JobId {
         let body = json!({"model": "tiny", "training_file": self.file.as_str()});
         let job = NewJob {
             id: JobId::new(),
@@ -55,9 +119,18 @@ impl Fixture {
         self.clock.advance(TimeDelta::seconds(1));
         job.id
     }
+
+    /// Claims `id` for w1, lets its lease expire and lets w2 claim it again.
+    async fn hand_job_to_second_worker(&self, id: &JobId) {
+        self.store.claim_job("w1", LEASE).await.unwrap().unwrap();
+        self.clock.advance(TimeDelta::seconds(31));
+        self.store.rescue_expired_jobs().await.unwrap();
+        let reclaimed = self.store.claim_job("w2", LEASE).await.unwrap().unwrap();
+        assert_eq!(&reclaimed.id, id);
+    }
 }
 
-fn point(step: u64) -> MetricPoint {
+pub fn point(step: u64) -> MetricPoint {
     MetricPoint {
         step,
         epoch: step as f64 / 10.0,
@@ -72,9 +145,7 @@ fn point(step: u64) -> MetricPoint {
     }
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn claim_takes_oldest_queued_job(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn claim_takes_oldest_queued_job(f: &Fixture) {
     let first = f.queue_job().await;
     f.queue_job().await;
 
@@ -90,35 +161,11 @@ async fn claim_takes_oldest_queued_job(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn claim_on_empty_queue_returns_none(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn claim_on_empty_queue_returns_none(f: &Fixture) {
     assert!(f.store.claim_job("w1", LEASE).await.unwrap().is_none());
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn claim_skips_locked_job(pool: PgPool) {
-    let f = fixture(pool.clone()).await;
-    let first = f.queue_job().await;
-    let second = f.queue_job().await;
-
-    // Another transaction holds the row lock of the oldest job, as a concurrent claim would.
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(first.as_str())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-
-    let job = f.store.claim_job("w1", LEASE).await.unwrap().unwrap();
-    tx.rollback().await.unwrap();
-
-    assert_eq!(job.id, second);
-}
-
-#[sqlx::test(migrations = "../../migrations")]
-async fn concurrent_claimers_never_share_a_job(pool: PgPool) {
-    let f = Arc::new(fixture(pool).await);
+pub async fn concurrent_claimers_never_share_a_job(f: &Fixture) {
     let mut queued = Vec::new();
     for _ in 0..10 {
         queued.push(f.queue_job().await);
@@ -126,9 +173,9 @@ async fn concurrent_claimers_never_share_a_job(pool: PgPool) {
 
     let mut tasks = Vec::new();
     for worker in 0..16 {
-        let f = f.clone();
+        let store = f.store.clone();
         tasks.push(tokio::spawn(async move {
-            f.store
+            store
                 .claim_job(&format!("w{worker}"), LEASE)
                 .await
                 .unwrap()
@@ -146,9 +193,7 @@ async fn concurrent_claimers_never_share_a_job(pool: PgPool) {
     assert_eq!(claimed, queued, "each queued job is claimed exactly once");
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn heartbeat_extends_lease(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn heartbeat_extends_lease(f: &Fixture) {
     let id = f.queue_job().await;
     let claimed = f.store.claim_job("w1", LEASE).await.unwrap().unwrap();
 
@@ -162,9 +207,7 @@ async fn heartbeat_extends_lease(pool: PgPool) {
     assert!(!beat.cancel_requested);
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn heartbeat_reports_cancel_request(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn heartbeat_reports_cancel_request(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
 
@@ -177,9 +220,7 @@ async fn heartbeat_reports_cancel_request(pool: PgPool) {
     assert!(beat.cancel_requested);
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn heartbeat_of_other_worker_fails(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn heartbeat_of_other_worker_fails(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
 
@@ -188,9 +229,7 @@ async fn heartbeat_of_other_worker_fails(pool: PgPool) {
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn worker_that_lost_job_cannot_complete_it(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn worker_that_lost_job_cannot_complete_it(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
 
@@ -213,9 +252,7 @@ async fn worker_that_lost_job_cannot_complete_it(pool: PgPool) {
     assert_eq!(job.locked_by.as_deref(), Some("w2"));
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn rescue_fails_job_out_of_attempts(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn rescue_fails_job_out_of_attempts(f: &Fixture) {
     let id = f.queue_job().await;
     for worker in ["w1", "w2"] {
         f.store.claim_job(worker, LEASE).await.unwrap().unwrap();
@@ -230,9 +267,7 @@ async fn rescue_fails_job_out_of_attempts(pool: PgPool) {
     assert!(job.finished_at.is_some());
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn rescue_leaves_live_lease_alone(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn rescue_leaves_live_lease_alone(f: &Fixture) {
     f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
 
@@ -242,9 +277,7 @@ async fn rescue_leaves_live_lease_alone(pool: PgPool) {
     assert!(rescued.is_empty());
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn complete_sets_terminal_fields(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn complete_sets_terminal_fields(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
 
@@ -261,9 +294,7 @@ async fn complete_sets_terminal_fields(pool: PgPool) {
     assert_eq!(job.locked_by, None);
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn fail_stores_error_fields(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn fail_stores_error_fields(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
     let error = JobError {
@@ -278,9 +309,7 @@ async fn fail_stores_error_fields(pool: PgPool) {
     assert_eq!(job.error, Some(error));
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn cancel_of_queued_job_is_immediate(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn cancel_of_queued_job_is_immediate(f: &Fixture) {
     let id = f.queue_job().await;
 
     let outcome = f.store.request_cancel(&id).await.unwrap();
@@ -294,9 +323,7 @@ async fn cancel_of_queued_job_is_immediate(pool: PgPool) {
     assert!(claimed.is_none(), "a cancelled job must not be claimed");
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn cancel_of_finished_job_changes_nothing(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn cancel_of_finished_job_changes_nothing(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.request_cancel(&id).await.unwrap();
 
@@ -307,16 +334,12 @@ async fn cancel_of_finished_job_changes_nothing(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn cancel_of_unknown_job_is_not_found(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn cancel_of_unknown_job_is_not_found(f: &Fixture) {
     let err = f.store.request_cancel(&JobId::new()).await.unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn release_requeues_without_counting_attempt(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn release_requeues_without_counting_attempt(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
 
@@ -327,22 +350,7 @@ async fn release_requeues_without_counting_attempt(pool: PgPool) {
     assert_eq!(job.locked_by, None);
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn database_rejects_terminal_state_without_finish_time(pool: PgPool) {
-    let f = fixture(pool.clone()).await;
-    let id = f.queue_job().await;
-
-    let result = sqlx::query("UPDATE jobs SET status = 'cancelled' WHERE id = $1")
-        .bind(id.as_str())
-        .execute(&pool)
-        .await;
-
-    assert!(result.is_err());
-}
-
-#[sqlx::test(migrations = "../../migrations")]
-async fn jobs_page_newest_first(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn jobs_page_newest_first(f: &Fixture) {
     let mut ids = Vec::new();
     for _ in 0..5 {
         ids.push(f.queue_job().await);
@@ -369,9 +377,7 @@ async fn jobs_page_newest_first(pool: PgPool) {
     assert!(!second.has_more);
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn page_after_unknown_id_is_not_found(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn page_after_unknown_id_is_not_found(f: &Fixture) {
     let err = f
         .store
         .list_jobs(&PageRequest {
@@ -383,9 +389,7 @@ async fn page_after_unknown_id_is_not_found(pool: PgPool) {
     assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn page_after_id_with_nul_is_not_found(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn page_after_id_with_nul_is_not_found(f: &Fixture) {
     let after = PageRequest {
         after: Some("ftjob-a\0b".into()),
         limit: 2,
@@ -401,9 +405,7 @@ async fn page_after_id_with_nul_is_not_found(pool: PgPool) {
     assert!(matches!(events, StoreError::NotFound { .. }), "{events:?}");
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn events_page_newest_first(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn events_page_newest_first(f: &Fixture) {
     let id = f.queue_job().await;
     for n in 0..5 {
         f.store
@@ -440,9 +442,7 @@ async fn events_page_newest_first(pool: PgPool) {
     assert!(!second.has_more);
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn metrics_list_by_step_and_overwrite(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn metrics_list_by_step_and_overwrite(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
 
@@ -463,9 +463,7 @@ async fn metrics_list_by_step_and_overwrite(pool: PgPool) {
     assert_eq!(points, vec![point(1), repeated, point(3)]);
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn metrics_of_lost_job_are_rejected(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn metrics_of_lost_job_are_rejected(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
 
@@ -480,9 +478,7 @@ async fn metrics_of_lost_job_are_rejected(pool: PgPool) {
     assert!(points.is_empty());
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn metrics_keep_token_accuracy(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn metrics_keep_token_accuracy(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
     let mut evaluated = point(1);
@@ -500,7 +496,7 @@ async fn metrics_keep_token_accuracy(pool: PgPool) {
     assert_eq!(points[1].valid_mean_token_accuracy, None);
 }
 
-fn checkpoint(job_id: &JobId, step: u64) -> NewCheckpoint {
+pub fn checkpoint(job_id: &JobId, step: u64) -> NewCheckpoint {
     NewCheckpoint {
         id: CheckpointId::new(),
         job_id: job_id.clone(),
@@ -510,9 +506,7 @@ fn checkpoint(job_id: &JobId, step: u64) -> NewCheckpoint {
     }
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn checkpoints_list_latest_step_first(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn checkpoints_list_latest_step_first(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
     for step in [10, 30, 20] {
@@ -546,9 +540,7 @@ async fn checkpoints_list_latest_step_first(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn checkpoint_of_same_step_is_replaced(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn checkpoint_of_same_step_is_replaced(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
     let original = f
@@ -571,9 +563,7 @@ async fn checkpoint_of_same_step_is_replaced(pool: PgPool) {
     assert_eq!(listed.data[0].metrics["train_loss"], 0.5);
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn checkpoint_of_lost_job_is_rejected(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn checkpoint_of_lost_job_is_rejected(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
 
@@ -592,9 +582,7 @@ async fn checkpoint_of_lost_job_is_rejected(pool: PgPool) {
     assert!(listed.data.is_empty());
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn checkpoint_of_other_job_is_not_found(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn checkpoint_of_other_job_is_not_found(f: &Fixture) {
     let id = f.queue_job().await;
     let other = f.queue_job().await;
     f.store.claim_job("w1", LEASE).await.unwrap();
@@ -620,9 +608,7 @@ async fn checkpoint_of_other_job_is_not_found(pool: PgPool) {
     );
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn files_page_and_get(pool: PgPool) {
-    let f = fixture(pool).await;
+pub async fn files_page_and_get(f: &Fixture) {
 
     let file = f.store.get_file(&f.file).await.unwrap();
     let page = f.store.list_files(&PageRequest::first(10)).await.unwrap();
@@ -635,4 +621,166 @@ async fn files_page_and_get(pool: PgPool) {
         missing,
         StoreError::NotFound { entity: "file", .. }
     ));
+}
+
+pub async fn claim_skips_running_and_cancelled_jobs(f: &Fixture) {
+    let running = f.queue_job().await;
+    let cancelled = f.queue_job().await;
+    let queued = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap().unwrap();
+    f.store.request_cancel(&cancelled).await.unwrap();
+
+    let next = f.store.claim_job("w2", LEASE).await.unwrap().unwrap();
+    let none = f.store.claim_job("w3", LEASE).await.unwrap();
+    let first = f.store.get_job(&running).await.unwrap();
+
+    assert_eq!(next.id, queued);
+    assert!(none.is_none(), "{none:?}");
+    assert_eq!(first.locked_by.as_deref(), Some("w1"));
+}
+
+pub async fn worker_that_lost_job_cannot_change_it(f: &Fixture) {
+    let id = f.queue_job().await;
+    f.hand_job_to_second_worker(&id).await;
+    let error = JobError {
+        code: "server_error".into(),
+        message: "boom".into(),
+        param: None,
+    };
+
+    let heartbeat = f.store.heartbeat(&id, "w1", LEASE).await.unwrap_err();
+    let fail = f.store.fail_job(&id, "w1", &error).await.unwrap_err();
+    let cancel = f.store.cancel_running_job(&id, "w1").await.unwrap_err();
+    let release = f.store.release_job(&id, "w1").await.unwrap_err();
+    let metrics = f.store.insert_metrics(&id, "w1", &[point(1)]).await.unwrap_err();
+    let checkpoint = f
+        .store
+        .insert_checkpoint("w1", &checkpoint(&id, 1))
+        .await
+        .unwrap_err();
+    let job = f.store.get_job(&id).await.unwrap();
+
+    for err in [heartbeat, fail, cancel, release, metrics, checkpoint] {
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+    assert_eq!(job.status, JobStatus::Running);
+    assert_eq!(job.locked_by.as_deref(), Some("w2"));
+    assert_eq!(job.attempt, 2);
+    assert!(f.store.list_metrics(&id).await.unwrap().is_empty());
+}
+
+pub async fn rescue_requeues_and_counts_attempt(f: &Fixture) {
+    let id = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap().unwrap();
+    f.clock.advance(TimeDelta::seconds(31));
+
+    let rescued = f.store.rescue_expired_jobs().await.unwrap();
+    let job = f.store.get_job(&id).await.unwrap();
+
+    assert_eq!(rescued.len(), 1);
+    assert_eq!(rescued[0].id, id);
+    assert_eq!(rescued[0].status, JobStatus::Queued);
+    assert_eq!(job.status, JobStatus::Queued);
+    assert_eq!(job.attempt, 1);
+    assert_eq!(job.locked_by, None);
+    assert_eq!(job.lease_expires_at, None);
+    assert_eq!(job.finished_at, None);
+}
+
+pub async fn rescue_cancels_job_with_cancel_request(f: &Fixture) {
+    let id = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap().unwrap();
+    f.store.request_cancel(&id).await.unwrap();
+    f.clock.advance(TimeDelta::seconds(31));
+
+    let rescued = f.store.rescue_expired_jobs().await.unwrap();
+    let job = f.store.get_job(&id).await.unwrap();
+
+    assert_eq!(rescued.len(), 1);
+    assert_eq!(rescued[0].status, JobStatus::Cancelled);
+    assert_eq!(job.status, JobStatus::Cancelled);
+    assert_eq!(job.finished_at, Some(f.clock.now()));
+    assert_eq!(job.error, None);
+}
+
+pub async fn cancel_of_running_job_is_requested(f: &Fixture) {
+    let id = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap().unwrap();
+
+    let outcome = f.store.request_cancel(&id).await.unwrap();
+
+    let CancelOutcome::Requested(job) = outcome else {
+        panic!("expected Requested, got {outcome:?}")
+    };
+    assert_eq!(job.status, JobStatus::Running);
+    assert!(job.cancel_requested);
+    assert_eq!(job.finished_at, None);
+    assert_eq!(job.locked_by.as_deref(), Some("w1"));
+}
+
+pub async fn cancel_running_job_sets_cancelled(f: &Fixture) {
+    let id = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap().unwrap();
+    f.store.request_cancel(&id).await.unwrap();
+
+    let job = f.store.cancel_running_job(&id, "w1").await.unwrap();
+
+    assert_eq!(job.status, JobStatus::Cancelled);
+    assert_eq!(job.finished_at, Some(f.clock.now()));
+    assert_eq!(job.locked_by, None);
+    assert_eq!(job.lease_expires_at, None);
+}
+
+pub async fn succeeded_jobs_list_newest_first(f: &Fixture) {
+    let older = f.queue_job().await;
+    let newer = f.queue_job().await;
+    f.queue_job().await;
+    for (worker, model) in [("w1", "ft:tiny:a"), ("w2", "ft:tiny:b")] {
+        let job = f.store.claim_job(worker, LEASE).await.unwrap().unwrap();
+        f.store.complete_job(&job.id, worker, model, 1).await.unwrap();
+    }
+
+    let succeeded = f.store.list_succeeded_jobs().await.unwrap();
+
+    let ids = succeeded.iter().map(|job| job.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids, [newer, older]);
+}
+
+pub async fn event_keeps_level_type_and_data(f: &Fixture) {
+    let id = f.queue_job().await;
+    let event = NewEvent {
+        job_id: id.clone(),
+        level: EventLevel::Warn,
+        event_type: studio_store::EventType::Metrics,
+        message: "step 1".into(),
+        data: Some(json!({"step": 1, "train_loss": 0.5})),
+    };
+
+    let saved = f.store.insert_event(&event).await.unwrap();
+    let listed = f.store.list_events(&id, &PageRequest::first(10)).await.unwrap();
+
+    assert_eq!(saved.level, EventLevel::Warn);
+    assert_eq!(saved.event_type, studio_store::EventType::Metrics);
+    assert_eq!(saved.data, event.data);
+    assert_eq!(saved.created_at, f.clock.now());
+    assert_eq!(listed.data, vec![saved]);
+}
+
+pub async fn duplicate_file_id_is_conflict(f: &Fixture) {
+    let err = f.store.insert_file(&new_file(&f.file)).await.unwrap_err();
+
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+}
+
+pub async fn job_with_unknown_file_is_conflict(f: &Fixture) {
+    let body = json!({"model": "tiny", "training_file": FileId::new().as_str()});
+    let job = NewJob {
+        id: JobId::new(),
+        spec: JobSpec::parse(&body, 1).unwrap(),
+        max_attempts: 2,
+    };
+
+    let err = f.store.insert_job(&job).await.unwrap_err();
+
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
 }

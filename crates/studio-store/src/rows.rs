@@ -1,0 +1,39 @@
+//! Conversions between domain values and column values that both backends share.
+
+use studio_core::{JobId, JobStatus};
+
+use crate::records::Page;
+use crate::StoreError;
+
+/// Splits the `limit + 1` rows of a page query into the page and `has_more`.
+pub(crate) fn into_page<R, T>(
+    mut rows: Vec<R>,
+    limit: u32,
+    decode: impl Fn(&R) -> Result<T, StoreError>,
+) -> Result<Page<T>, StoreError> {
+    let has_more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let data = rows.iter().map(decode).collect::<Result<_, _>>()?;
+    Ok(Page { data, has_more })
+}
+
+pub(crate) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// A stored value the current code cannot read: the database was written by another version.
+pub(crate) fn corrupt(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::other(format!("cannot decode stored {what}"), err)
+}
+
+pub(crate) fn job_id(value: String) -> Result<JobId, StoreError> {
+    JobId::parse(&value).map_err(|err| corrupt("job id", err))
+}
+
+pub(crate) fn status(value: String) -> Result<JobStatus, StoreError> {
+    value.parse().map_err(|err| corrupt("job status", err))
+}

@@ -1,0 +1,108 @@
+//! The cases on PgStore, each in a fresh database created on the server of `DATABASE_URL`.
+//! Without `DATABASE_URL` they do not run; with it set, an unreachable server fails them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use studio_store::{PgStore, MIGRATOR};
+
+use crate::suite::{fixture, start_clock, Fixture, LEASE};
+
+pub struct Backend {
+    pub fixture: Fixture,
+    pool: PgPool,
+    admin: PgPool,
+    database: String,
+}
+
+impl Backend {
+    /// Creates and migrates a database of its own, so cases run in parallel; `None` when
+    /// `DATABASE_URL` is unset.
+    pub async fn open() -> Option<Backend> {
+        let Ok(url) = std::env::var("DATABASE_URL") else {
+            eprintln!("DATABASE_URL is not set, so the Postgres conformance cases do not run");
+            return None;
+        };
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .unwrap_or_else(|err| {
+                panic!("DATABASE_URL is set but Postgres cannot be reached: {err}; start it or unset DATABASE_URL")
+            });
+        // NOTE: a case that panics leaves its database behind; they are named for cleanup.
+        let database = format!("studio_conformance_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&admin)
+            .await
+            .expect("the DATABASE_URL user needs the CREATEDB privilege");
+        let options: PgConnectOptions = url.parse().unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect_with(options.database(&database))
+            .await
+            .unwrap();
+        MIGRATOR.run(&pool).await.unwrap();
+
+        let clock = start_clock();
+        let fixture = fixture(Arc::new(PgStore::new(pool.clone(), clock.clone())), clock).await;
+        Some(Backend {
+            fixture,
+            pool,
+            admin,
+            database,
+        })
+    }
+
+    pub async fn close(self) {
+        self.pool.close().await;
+        sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.database))
+            .execute(&self.admin)
+            .await
+            .unwrap();
+    }
+}
+
+conformance_cases!();
+
+#[tokio::test]
+async fn claim_skips_locked_job() {
+    let Some(backend) = Backend::open().await else {
+        return;
+    };
+    let f = &backend.fixture;
+    let first = f.queue_job().await;
+    let second = f.queue_job().await;
+
+    // Another transaction holds the row lock of the oldest job, as a concurrent claim would.
+    let mut tx = backend.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(first.as_str())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let job = f.store.claim_job("w1", LEASE).await.unwrap().unwrap();
+    tx.rollback().await.unwrap();
+
+    assert_eq!(job.id, second);
+    backend.close().await;
+}
+
+#[tokio::test]
+async fn database_rejects_terminal_state_without_finish_time() {
+    let Some(backend) = Backend::open().await else {
+        return;
+    };
+    let id = backend.fixture.queue_job().await;
+
+    let result = sqlx::query("UPDATE jobs SET status = 'cancelled' WHERE id = $1")
+        .bind(id.as_str())
+        .execute(&backend.pool)
+        .await;
+
+    assert!(result.is_err());
+    backend.close().await;
+}
