@@ -110,6 +110,9 @@ async fn final_entries(
             "artifact_not_ready",
         ));
     }
+    if artifact == "merged" {
+        crate::merge::ensure_merged(services, job).await?;
+    }
     let prefix = final_artifact_prefix(&job.id, artifact);
     let files = services.artifacts.list(&prefix).await?;
     if files.is_empty() {

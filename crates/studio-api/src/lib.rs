@@ -11,6 +11,7 @@ mod extract;
 mod files;
 mod health;
 mod jobs;
+mod merge;
 mod metrics;
 mod models;
 mod pagination;

@@ -1315,3 +1315,64 @@ async fn huge_rejected_value_is_not_echoed_whole(pool: PgPool) {
         );
     }
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn merged_model_is_built_on_first_download(pool: PgPool) {
+    let app = test_app(pool);
+    link_real_model(&app);
+    let file_id = app.uploaded_file_id().await;
+    let created = app
+        .post_json(
+            "/v1/fine_tuning/jobs",
+            json!({"model": "smollm2-135m-instruct", "training_file": file_id}),
+        )
+        .await
+        .json();
+    let id = JobId::parse(created["id"].as_str().unwrap()).unwrap();
+    let store = &app.services.store;
+    store.claim_job("w1", std::time::Duration::from_secs(60)).await.unwrap().unwrap();
+    let adapter = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/reference_adapter");
+    for name in ["adapter_config.json", "adapter_model.safetensors"] {
+        let bytes = std::fs::read(adapter.join(name)).unwrap();
+        app.services
+            .artifacts
+            .put_bytes(&studio_store::keys::final_adapter_key(&id, name), &bytes)
+            .await
+            .unwrap();
+    }
+    store.complete_job(&id, "w1", &format!("ft:smollm2-135m-instruct:studio:{id}"), 99).await.unwrap();
+    let stored = |app: &TestApp| {
+        let dir = app.services.artifacts.root().join(format!("jobs/{id}/final/merged"));
+        std::fs::read_dir(dir).map(|entries| entries.count()).unwrap_or(0)
+    };
+    assert_eq!(stored(&app), 0, "a job stores no merged model until it is requested");
+
+    let response = app.get(&format!("/v1/fine_tuning/jobs/{id}/download?artifact=merged")).await;
+    assert_eq!(response.status, StatusCode::OK, "{}", String::from_utf8_lossy(&response.body));
+    assert!(stored(&app) >= 2, "the merged model is kept for later downloads");
+
+    let mut archive = tar::Archive::new(response.body.as_slice());
+    let mut files = std::collections::BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut content = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut content).unwrap();
+        files.insert(name, content);
+    }
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(files.contains_key(name), "the merged archive lacks {name}: {:?}", files.keys());
+    }
+
+    // The reference adapter has r 8 and alpha 16, so each adapted weight gains 2 · B A.
+    let device = candle_core::Device::Cpu;
+    let merged = candle_core::safetensors::load_buffer(&files["model.safetensors"], &device).unwrap();
+    let base = studio_train::loader::load_model(&app.services.models.resolve("smollm2-135m-instruct").unwrap().path, &device).unwrap();
+    let lora = candle_core::safetensors::load(adapter.join("adapter_model.safetensors"), &device).unwrap();
+    let key = "model.layers.0.self_attn.q_proj.weight";
+    let a = &lora["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"];
+    let b = &lora["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"];
+    let expected = (&base.weights[key] + (b.matmul(a).unwrap() * 2.0).unwrap()).unwrap();
+    let difference = (&merged[key] - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(difference < 1e-5, "merged {key} differs from W + 2 B A by {difference}");
+}

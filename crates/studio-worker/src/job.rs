@@ -425,7 +425,8 @@ fn run_trainer(
         checkpoint_dir: Some(folders.checkpoints),
         resume_from: prepared.resume_from.as_deref(),
         // A merged model serves clients that cannot apply adapters, so LoRA jobs always have one.
-        export_merged: true,
+        // The API builds the merged model on its first download, so jobs store only the adapter.
+        export_merged: false,
     };
     trainer.run_sft(&job, &mut observer)
 }

@@ -111,14 +111,15 @@ fn write_artifacts(job: &SftJob<'_>) -> std::io::Result<Vec<(ArtifactKind, PathB
             std::fs::create_dir_all(&adapter)?;
             std::fs::write(adapter.join("adapter_config.json"), ADAPTER_CONFIG)?;
             std::fs::write(adapter.join("adapter_model.safetensors"), ADAPTER_WEIGHTS)?;
-            let merged = job.output_dir.join("merged");
-            std::fs::create_dir_all(&merged)?;
-            std::fs::write(merged.join("config.json"), b"{}")?;
-            std::fs::write(merged.join("model.safetensors"), MODEL_WEIGHTS)?;
-            Ok(vec![
-                (ArtifactKind::Adapter, adapter),
-                (ArtifactKind::Merged, merged),
-            ])
+            let mut artifacts = vec![(ArtifactKind::Adapter, adapter)];
+            if job.export_merged {
+                let merged = job.output_dir.join("merged");
+                std::fs::create_dir_all(&merged)?;
+                std::fs::write(merged.join("config.json"), b"{}")?;
+                std::fs::write(merged.join("model.safetensors"), MODEL_WEIGHTS)?;
+                artifacts.push((ArtifactKind::Merged, merged));
+            }
+            Ok(artifacts)
         }
         Approach::Full => {
             let model = job.output_dir.join("model");
@@ -675,7 +676,7 @@ async fn fresh_job_starts_without_resume(pool: PgPool) {
 
     assert_eq!(seen.resumed_state, None);
     assert!(seen.has_checkpoint_dir);
-    assert!(seen.export_merged);
+    assert!(!seen.export_merged, "the API builds the merged model on demand");
     assert_eq!(seen.validation_examples, None);
     assert_eq!(seen.settings.n_checkpoints, 1);
 }
@@ -745,7 +746,7 @@ async fn validation_file_is_passed_to_trainer(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../../migrations")]
-async fn success_stores_merged_model_and_results_csv(pool: PgPool) {
+async fn success_stores_adapter_and_results_csv_only(pool: PgPool) {
     let setup = setup(pool).await;
     let id = setup.queue_job("tiny").await;
 
@@ -762,7 +763,7 @@ async fn success_stores_merged_model_and_results_csv(pool: PgPool) {
     let csv = String::from_utf8(artifacts.read(&results_csv_key(&id)).await.unwrap()).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
 
-    assert_eq!(merged.len(), 2);
+    assert_eq!(merged.len(), 0, "no merged model until a download asks for it");
     assert_eq!(lines.len(), 3, "{csv}");
     assert!(
         lines[0].starts_with("step,epoch,train_loss,train_mean_token_accuracy,valid_loss"),
