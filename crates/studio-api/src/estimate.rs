@@ -58,6 +58,7 @@ async fn estimate(
             &conversations,
             &approach(&spec),
             &train_settings(&spec),
+            spec.validation_file.is_none(),
             measure_steps as usize,
             &mut observer,
         )

@@ -1036,6 +1036,7 @@ async fn estimate_counts_smollm2_lora_parameters(pool: PgPool) {
     let percent = estimate["trainable_percent"].as_f64().unwrap();
     assert!((percent - 0.685).abs() < 5e-4, "{percent}");
     assert_eq!(estimate["examples"], 2);
+    assert_eq!(estimate["held_out_examples"], 0, "two examples are too few to hold any out");
     assert_eq!(estimate["steps_per_epoch"], 2);
     assert_eq!(estimate["total_steps"], 4);
     assert_eq!(estimate["seconds_per_step"], Value::Null);

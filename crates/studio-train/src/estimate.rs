@@ -11,7 +11,7 @@ use studio_core::dataset::Conversation;
 use crate::batch::{batch_loss, Batch};
 use crate::chat::EncodedExample;
 use crate::config::LlamaConfig;
-use crate::data::encode_examples;
+use crate::data::{encode_examples, hold_out};
 use crate::loader::load_model;
 use crate::lora;
 use crate::model::{ForwardContext, Llama};
@@ -25,7 +25,10 @@ pub struct Estimate {
     pub total_parameters: u64,
     /// Trainable parameters as a percentage of the base model's.
     pub trainable_percent: f64,
+    /// Training examples, after the automatic hold-out.
     pub examples: u64,
+    /// Examples held out for validation when the job has no validation file.
+    pub held_out_examples: u64,
     /// Examples with no target token within `max_seq_len`, which training drops.
     pub dropped_examples: u64,
     /// Tokens of one epoch after truncation, padding excluded.
@@ -81,19 +84,28 @@ pub fn parameter_bytes(total: u64, trainable: u64) -> u64 {
     4 * (total + 3 * trainable)
 }
 
-/// Estimates a job; with `measure_steps > 0`, also times that many optimizer steps on the
-/// first examples (the first step is left out of the median as warm-up when there are several).
+/// Estimates a job. `hold_out_validation` is true when the job has no validation file, so the
+/// run would hold out part of the training set as [`run_sft`](crate::run_sft) does. With
+/// `measure_steps > 0`, it also times that many optimizer steps on the first examples; the
+/// first step is left out of the median as warm-up when there are several.
 pub fn estimate(
     model_path: &Path,
     conversations: &[Conversation],
     approach: &Approach,
     settings: &TrainSettings,
+    hold_out_validation: bool,
     measure_steps: usize,
     observer: &mut dyn TrainObserver,
 ) -> Result<Estimate, TrainError> {
     let device = Device::Cpu;
     let loaded = load_model(model_path, &device)?;
-    let examples = encode_examples(&loaded, conversations, settings.max_seq_len, "training file", observer)?;
+    let encoded = encode_examples(&loaded, conversations, settings.max_seq_len, "training file", observer)?;
+    let kept = encoded.len();
+    let (examples, held_out) = if hold_out_validation {
+        hold_out(encoded, settings.seed)
+    } else {
+        (encoded, Vec::new())
+    };
     let config = &loaded.config;
 
     let total = total_parameters(config);
@@ -120,7 +132,8 @@ pub fn estimate(
         total_parameters: total,
         trainable_percent: 100.0 * trainable as f64 / total as f64,
         examples: examples.len() as u64,
-        dropped_examples: (conversations.len() - examples.len()) as u64,
+        held_out_examples: held_out.len() as u64,
+        dropped_examples: (conversations.len() - kept) as u64,
         tokens_per_epoch,
         total_tokens: tokens_per_epoch * settings.n_epochs as u64,
         steps_per_epoch,

@@ -284,9 +284,10 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
         observer.on_event(
             EventLevel::Info,
             &format!(
-                "Training {} examples for {} epochs: {total_steps} steps, {trainable} trainable parameters",
-                train.len(),
-                settings.n_epochs,
+                "Training {} for {}: {}, {trainable} trainable parameters",
+                plural(train.len() as u64, "example"),
+                plural(settings.n_epochs as u64, "epoch"),
+                plural(total_steps, "step"),
             ),
         );
     }
@@ -382,7 +383,7 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
         special: loaded.special,
     };
     let artifacts = write_artifacts(job, &model, &metadata)?;
-    observer.on_event(EventLevel::Info, &format!("Saved the result after {} steps", progress.step));
+    observer.on_event(EventLevel::Info, &format!("Saved the result after {}", plural(progress.step, "step")));
     Ok(RunOutcome::Succeeded(TrainSummary {
         trained_tokens: progress.trained_tokens,
         steps: progress.step,
@@ -434,6 +435,15 @@ impl Progress {
                 Approach::Full => "full".into(),
             },
         }
+    }
+}
+
+/// `1 step`, `2 steps`.
+fn plural(count: u64, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
     }
 }
 
