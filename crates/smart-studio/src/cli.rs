@@ -33,8 +33,9 @@ pub struct GlobalArgs {
     #[arg(long, env = "STUDIO_MODELS_DIR", default_value = "./models", global = true)]
     pub models_dir: PathBuf,
 
-    /// Postgres connection URL, such as postgres://USER:PASSWORD@HOST:5432/DATABASE. Required by
-    /// every command except fetch-model; the password is never printed.
+    /// Database URL: postgres://USER:PASSWORD@HOST:5432/DATABASE for Postgres, or sqlite://PATH
+    /// for an SQLite file [default: sqlite://DATA_DIR/studio.db]. Not used by fetch-model, train
+    /// and eval; the password is never printed.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
 

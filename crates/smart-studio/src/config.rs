@@ -17,7 +17,8 @@ use crate::cli::{Command, GlobalArgs};
 pub struct Config {
     pub data_dir: PathBuf,
     pub models_dir: PathBuf,
-    /// `None` only for commands that need no database (`fetch-model`).
+    /// `None` only for commands that need no database (`fetch-model`, `train`, `eval`). Without
+    /// `--database-url` the others use the SQLite file `DATA_DIR/studio.db`.
     pub database_url: Option<DatabaseUrl>,
     pub listen_addr: SocketAddr,
     pub log_filter: String,
@@ -36,10 +37,7 @@ impl Config {
 
         let database_url = match &args.database_url {
             Some(raw) => Some(DatabaseUrl::parse(raw)?),
-            None if needs_database(command) => bail!(
-                "no database URL: set DATABASE_URL or pass --database-url, \
-                 such as DATABASE_URL=postgres://postgres@127.0.0.1:5432/studio"
-            ),
+            None if needs_database(command) => Some(DatabaseUrl::sqlite_in(&args.data_dir)),
             None => None,
         };
 
@@ -73,8 +71,8 @@ impl Config {
     }
 }
 
-/// A Postgres connection URL whose `Debug` and `Display` hide the password, so that it can be
-/// logged.
+/// A database URL, `postgres://…` or `sqlite://PATH`, whose `Debug` and `Display` hide the
+/// password, so that it can be logged.
 #[derive(Clone)]
 pub struct DatabaseUrl {
     raw: String,
@@ -83,14 +81,22 @@ pub struct DatabaseUrl {
 
 impl DatabaseUrl {
     pub fn parse(raw: &str) -> anyhow::Result<DatabaseUrl> {
+        if let Some(path) = studio_store::sqlite_path(raw) {
+            path?;
+            return Ok(DatabaseUrl {
+                raw: raw.to_owned(),
+                redacted: raw.to_owned(),
+            });
+        }
+
         let redacted = redact(raw);
         let url = Url::parse(raw).with_context(|| {
-            format!("invalid database URL {redacted:?}: use postgres://USER:PASSWORD@HOST:PORT/DATABASE")
+            format!("invalid database URL {redacted:?}: use postgres://USER:PASSWORD@HOST:PORT/DATABASE or sqlite://PATH")
         })?;
         if !matches!(url.scheme(), "postgres" | "postgresql") {
             bail!(
-                "unsupported database URL scheme {:?} in {redacted:?}: only Postgres is supported, \
-                 use postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+                "unsupported database URL scheme {:?} in {redacted:?}: \
+                 use postgres://USER:PASSWORD@HOST:PORT/DATABASE or sqlite://PATH",
                 url.scheme()
             );
         }
@@ -99,6 +105,15 @@ impl DatabaseUrl {
             raw: raw.to_owned(),
             redacted,
         })
+    }
+
+    /// The SQLite file `studio.db` in `data_dir`, used when no URL is given.
+    pub fn sqlite_in(data_dir: &Path) -> DatabaseUrl {
+        let raw = studio_store::sqlite_url(data_dir);
+        DatabaseUrl {
+            redacted: raw.clone(),
+            raw,
+        }
     }
 
     /// Returns the URL with its password, for the database driver only.
@@ -180,6 +195,41 @@ mod tests {
         let message = format!("{error:#}");
         assert!(message.contains("\"mysql\""), "{message}");
         assert!(!message.contains("pw@"), "{message}");
+    }
+
+    #[test]
+    fn database_url_accepts_sqlite_file() {
+        let url = DatabaseUrl::parse("sqlite:///var/lib/studio/studio.db").unwrap();
+
+        assert_eq!(url.expose(), "sqlite:///var/lib/studio/studio.db");
+        assert_eq!(url.to_string(), "sqlite:///var/lib/studio/studio.db");
+    }
+
+    #[test]
+    fn database_url_rejects_sqlite_in_memory() {
+        let error = DatabaseUrl::parse("sqlite::memory:").unwrap_err();
+
+        let message = format!("{error:#}");
+        assert!(message.contains("sqlite::memory:"), "{message}");
+    }
+
+    #[test]
+    fn missing_database_url_defaults_to_sqlite_in_data_dir() {
+        let args = GlobalArgs {
+            data_dir: PathBuf::from("/srv/studio-data"),
+            models_dir: PathBuf::from("/srv/models"),
+            database_url: None,
+            host: "127.0.0.1".parse().unwrap(),
+            port: 8000,
+            log: None,
+        };
+
+        let config = Config::from_args(&args, &Command::Serve).unwrap();
+
+        assert_eq!(
+            config.database_url().expose(),
+            "sqlite:///srv/studio-data/studio.db"
+        );
     }
 
     #[test]
