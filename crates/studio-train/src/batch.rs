@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use crate::chat::EncodedExample;
 use crate::model::{ForwardContext, Llama};
-use crate::ops::log_softmax_last_dim;
+use crate::ops::cross_entropy_per_row;
 
 /// Examples right-padded to the longest row of the micro-batch.
 pub struct Batch {
@@ -62,9 +62,7 @@ pub fn batch_loss(model: &Llama, batch: &Batch, ctx: &mut ForwardContext<'_>) ->
     let hidden = model.hidden_states(&batch.input_ids, &batch.lengths, ctx)?;
     let hidden = hidden.index_select(&batch.target_positions, 0)?;
     let logits = model.logits(&hidden)?;
-    let log_probs = log_softmax_last_dim(&logits)?;
-    let picked = log_probs.gather(&batch.target_ids.unsqueeze(1)?, 1)?;
-    let sum_nll = picked.sum_all()?.neg()?;
+    let sum_nll = cross_entropy_per_row(&logits, &batch.target_ids)?.sum_all()?;
 
     let predicted = logits.argmax(D::Minus1)?;
     let n_correct = predicted
