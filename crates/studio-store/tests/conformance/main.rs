@@ -1,5 +1,5 @@
 //! The `Store` contract checked against both backends: every case of `suite` runs on SQLite
-//! always, and on Postgres when `DATABASE_URL` is set.
+//! always, and on Postgres at `DATABASE_URL`, which must be set.
 
 #[macro_use]
 mod suite;
