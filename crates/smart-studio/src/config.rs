@@ -107,7 +107,7 @@ impl DatabaseUrl {
         })
     }
 
-    /// The SQLite file `studio.db` in `data_dir`, used when no URL is given.
+    /// Returns the URL of the SQLite file `studio.db` in `data_dir`, used when no URL is given.
     pub fn sqlite_in(data_dir: &Path) -> DatabaseUrl {
         let raw = studio_store::sqlite_url(data_dir);
         DatabaseUrl {
@@ -140,7 +140,7 @@ fn redact(raw: &str) -> String {
     match Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
-                // Setting a password fails only for URLs that cannot have one, and those have none.
+                // `set_password` fails only for URLs that cannot carry a password, and this one has one.
                 let _ = url.set_password(Some("****"));
             }
             url.to_string()
@@ -214,7 +214,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_database_url_defaults_to_sqlite_in_data_dir() {
+    fn missing_url_defaults_to_sqlite() {
         let args = GlobalArgs {
             data_dir: PathBuf::from("/srv/studio-data"),
             models_dir: PathBuf::from("/srv/models"),

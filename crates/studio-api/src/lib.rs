@@ -84,7 +84,7 @@ async fn log_server_errors(request: Request, next: Next) -> Response {
     response
 }
 
-/// Answers a known path with an unsupported method; axum adds the `Allow` header.
+/// Rejects an unsupported method on a known path; axum adds the `Allow` header.
 async fn method_not_allowed(request: Request) -> ApiError {
     ApiError::MethodNotAllowed(format!(
         "method {} is not allowed on {}; the Allow header lists the methods it accepts",

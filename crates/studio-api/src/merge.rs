@@ -1,8 +1,8 @@
 //! The merged model of a LoRA job, built on first download: the base model with the adapter's
 //! `scale · B A` added to each adapted weight, as a Hugging Face folder.
 //!
-//! Building it on request keeps a job's storage at the adapter's few megabytes unless someone
-//! asks for the merged model, which is as large as the base model in f32.
+//! Building it on request keeps a job's storage at the adapter's few megabytes until a client
+//! requests the merged model, which is as large as the base model in f32.
 
 use std::path::Path;
 
@@ -19,8 +19,7 @@ use crate::error::ApiError;
 /// Serialises merges in this process, so two downloads never build the same folder at once and
 /// no download lists a folder that is still being uploaded.
 // NOTE: several API processes sharing one artifact store can still build the same merged folder
-// concurrently; the result is identical, but a reader in another process may see it half
-// uploaded.
+// at once. The result is identical, but a reader in another process may list it half uploaded.
 static MERGE_LOCK: Mutex<()> = Mutex::const_new(());
 
 /// Builds and stores `jobs/{id}/final/merged/` unless it exists, holding the lock while it does.

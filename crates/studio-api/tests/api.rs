@@ -993,7 +993,7 @@ async fn metrics_include_token_accuracy(pool: PgPool) {
     assert_eq!(metrics["data"][1]["valid_mean_token_accuracy"], 0.75);
 }
 
-/// The demo model, linked into the test's models folder. Panics when it is missing, so a
+/// Links the demo model into the test's models folder. Panics when it is missing, so a
 /// machine without it fails the test instead of skipping it.
 fn link_real_model(app: &TestApp) {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");

@@ -12,7 +12,7 @@ pub enum Role {
 }
 
 impl Role {
-    /// The role's name as chat templates and OpenAI's format spell it.
+    /// Returns the role's name as chat templates and OpenAI's format spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::System => "system",
@@ -602,7 +602,7 @@ mod tests {
     }
 
     #[test]
-    fn byte_order_mark_is_skipped_on_the_first_line_only() {
+    fn byte_order_mark_skipped_first_line_only() {
         let line = "{\"prompt\":\"a\",\"completion\":\"b\"}";
         let (conversations, summary) =
             parse_dataset(format!("\u{feff}{line}\n{line}\n").as_bytes()).unwrap();

@@ -19,8 +19,8 @@ pub struct InvalidId {
     pub value: String,
 }
 
-/// Quotes an id for a message; a long one is cut to its first 80 characters and its length,
-/// so a megabyte id is not sent back in the error.
+/// Quotes an id for a message. A long one is cut to its first 80 characters and its length, so
+/// a megabyte id is not sent back in the error.
 fn quoted_start(value: &str) -> String {
     const MAX_CHARS: usize = 80;
     let length = value.chars().count();

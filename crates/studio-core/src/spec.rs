@@ -104,7 +104,7 @@ pub struct SupervisedMethod {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hyperparameters {
     pub n_epochs: u32,
-    /// Examples per micro-batch; an optimizer step sees `batch_size × gradient_accumulation_steps`.
+    /// Examples per micro-batch; an optimizer step uses `batch_size × gradient_accumulation_steps`.
     pub batch_size: u32,
     /// The multiple of the approach's default learning rate that `learning_rate` is.
     pub learning_rate_multiplier: f64,
@@ -181,7 +181,7 @@ pub enum TrainingType {
 }
 
 impl TrainingType {
-    /// The learning rate that `learning_rate_multiplier` scales.
+    /// Returns the learning rate that `learning_rate_multiplier` scales.
     pub fn default_learning_rate(&self) -> f64 {
         match self {
             TrainingType::Lora(_) => LORA_DEFAULT_LEARNING_RATE,

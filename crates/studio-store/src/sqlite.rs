@@ -2,7 +2,7 @@
 //!
 //! SQLite has no row locks, so there is no `SKIP LOCKED`: one writer at a time holds the
 //! database's write lock, and every state change below is a single statement, or a transaction
-//! begun with `BEGIN IMMEDIATE`, so it sees and changes the rows with no other writer in between.
+//! begun with `BEGIN IMMEDIATE`, so it reads and changes the rows with no other writer in between.
 //! Timestamps are INTEGER microseconds since the Unix epoch from the injected [`Clock`].
 
 use std::path::{Path, PathBuf};
@@ -49,7 +49,8 @@ pub fn sqlite_path(database_url: &str) -> Option<Result<PathBuf, StoreError>> {
 }
 
 /// Opens a pool on the database file `path`, creating the file and its folder when missing.
-/// Connections use WAL mode, so readers never wait for the writer, and enforce foreign keys.
+/// Connections use WAL mode, in which readers do not wait for the writer, and they enforce
+/// foreign keys.
 pub(crate) async fn connect(path: &Path) -> Result<SqlitePool, StoreError> {
     if let Some(folder) = path.parent().filter(|folder| !folder.as_os_str().is_empty()) {
         tokio::fs::create_dir_all(folder).await?;
@@ -131,7 +132,7 @@ impl SqliteStore {
         }
     }
 
-    /// The error for a worker that no longer owns job `id`, naming its current state.
+    /// Builds the error for a worker that no longer owns job `id`, naming its current state.
     async fn not_owned(&self, id: &JobId, worker_id: &str) -> StoreError {
         match self.get_job(id).await {
             Ok(job) => StoreError::Conflict(format!(
@@ -296,7 +297,7 @@ impl Store for SqliteStore {
         lease: Duration,
     ) -> Result<Option<JobRecord>, StoreError> {
         // Safe under concurrency: BEGIN IMMEDIATE takes the write lock before the statement
-        // reads, so claimers run one after another and each sees the previous claim committed.
+        // reads, so claimers run one after another and each reads the previous claim committed.
         let sql = format!(
             "UPDATE jobs SET
                  status = 'running',

@@ -62,12 +62,12 @@ pub fn encode_examples(
 }
 
 fn summarize_lines(lines: &[usize]) -> String {
-    let shown: Vec<String> = lines.iter().take(10).map(usize::to_string).collect();
+    let listed: Vec<String> = lines.iter().take(10).map(usize::to_string).collect();
     let more = lines.len().saturating_sub(10);
     if more > 0 {
-        format!("{} and {more} more", shown.join(", "))
+        format!("{} and {more} more", listed.join(", "))
     } else {
-        shown.join(", ")
+        listed.join(", ")
     }
 }
 
@@ -85,10 +85,10 @@ pub fn hold_out(examples: Vec<EncodedExample>, seed: u64) -> (Vec<EncodedExample
     let count = examples.len().div_ceil(10).min(MAX_HOLD_OUT);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     Rng::new(seed ^ 0x5EED_0F_7A11D).shuffle(&mut order);
-    let held: std::collections::HashSet<usize> = order[..count].iter().copied().collect();
+    let held_out: std::collections::HashSet<usize> = order[..count].iter().copied().collect();
     let (mut train, mut valid) = (Vec::new(), Vec::new());
     for (index, example) in examples.into_iter().enumerate() {
-        if held.contains(&index) {
+        if held_out.contains(&index) {
             valid.push(example);
         } else {
             train.push(example);

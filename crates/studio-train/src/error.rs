@@ -20,7 +20,7 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    /// A stable machine-readable code, in the style of OpenAI's job errors.
+    /// Returns a stable machine-readable code, in the style of OpenAI's job errors.
     pub fn code(&self) -> &'static str {
         match self {
             TrainError::InvalidData { .. } => "invalid_training_file",
@@ -30,7 +30,7 @@ impl TrainError {
         }
     }
 
-    /// The request field the error is about, when there is one.
+    /// Returns the request field the error is about, when there is one.
     pub fn param(&self) -> Option<&str> {
         match self {
             TrainError::InvalidData { param, .. } => param.as_deref(),

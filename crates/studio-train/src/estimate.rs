@@ -65,10 +65,11 @@ pub fn trainable_parameters(config: &LlamaConfig, approach: &Approach) -> u64 {
     }
 }
 
-/// Bytes of f32 activations kept for the backward pass of one micro-batch of `rows` rows
-/// padded to `seq_len` with `targets` target tokens. The per-token constants count the tensors
-/// the decoder keeps per layer (norms, projections, rotary products, SwiGLU) and the
-/// attention tensors per head; the head's logits are kept a few times over by log-softmax.
+/// Estimates the bytes of f32 activations kept for the backward pass of one micro-batch of
+/// `rows` rows padded to `seq_len` with `targets` target tokens. The per-token constants count
+/// the tensors the decoder keeps per layer (norms, projections, rotary products, SwiGLU) and
+/// the attention tensors per head. The logits term allows for the head's output, its gradient
+/// and the copies the loss's backward pass makes, so it errs on the high side.
 pub fn activation_bytes(config: &LlamaConfig, rows: usize, seq_len: usize, targets: usize) -> u64 {
     let tokens = (rows * seq_len) as u64;
     let q_dim = (config.num_attention_heads * config.head_dim) as u64;
@@ -86,8 +87,8 @@ pub fn parameter_bytes(total: u64, trainable: u64) -> u64 {
 
 /// Estimates a job. `hold_out_validation` is true when the job has no validation file, so the
 /// run would hold out part of the training set as [`run_sft`](crate::run_sft) does. With
-/// `measure_steps > 0`, it also times that many optimizer steps on the first examples; the
-/// first step is left out of the median as warm-up when there are several.
+/// `measure_steps > 0`, it also times that many optimizer steps on the first examples. When
+/// there are several, the first is left out of the median as warm-up.
 pub fn estimate(
     model_path: &Path,
     conversations: &[Conversation],
@@ -100,7 +101,7 @@ pub fn estimate(
     let device = Device::Cpu;
     let loaded = load_model(model_path, &device)?;
     let encoded = encode_examples(&loaded, conversations, settings.max_seq_len, "training file", observer)?;
-    let kept = encoded.len();
+    let encoded_count = encoded.len();
     let (examples, held_out) = if hold_out_validation {
         hold_out(encoded, settings.seed)
     } else {
@@ -133,7 +134,7 @@ pub fn estimate(
         trainable_percent: 100.0 * trainable as f64 / total as f64,
         examples: examples.len() as u64,
         held_out_examples: held_out.len() as u64,
-        dropped_examples: (conversations.len() - kept) as u64,
+        dropped_examples: (conversations.len() - encoded_count) as u64,
         tokens_per_epoch,
         total_tokens: tokens_per_epoch * settings.n_epochs as u64,
         steps_per_epoch,

@@ -31,8 +31,8 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&log_sum)
 }
 
-/// The negative log-likelihood of `targets[i]` under the softmax of row `i` of `logits`
-/// (`[n, vocab]`), as an `[n]` tensor.
+/// Computes the negative log-likelihood of `targets[i]` under the softmax of row `i` of
+/// `logits` (`[n, vocab]`), as an `[n]` tensor.
 ///
 /// On the CPU this is one custom op whose backward is `softmax(logits) - onehot(target)`, so
 /// the graph keeps only the logits instead of the four vocabulary-wide tensors that

@@ -44,7 +44,7 @@ impl Rng {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
-    /// A uniform draw from [0, n), without modulo bias.
+    /// Draws uniformly from [0, n), without modulo bias.
     pub fn below(&mut self, n: u64) -> u64 {
         assert!(n > 0, "Rng::below needs a positive bound");
         let zone = u64::MAX - u64::MAX % n;
@@ -56,7 +56,7 @@ impl Rng {
         }
     }
 
-    /// `len` uniform draws from [low, high).
+    /// Draws `len` values uniformly from [low, high).
     pub fn uniform_vec(&mut self, len: usize, low: f32, high: f32) -> Vec<f32> {
         let width = f64::from(high - low);
         (0..len)

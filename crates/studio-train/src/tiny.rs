@@ -60,9 +60,9 @@ pub fn tiny_weights(config: &LlamaConfig, seed: u64, dtype: DType) -> Result<Has
 /// The chat template of SmolLM2, used by tiny test models.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// Writes a tiny random model as a complete Hugging Face folder: f32 weights, a byte-level
-/// tokenizer with no merges (every byte is a token, then `<|im_start|>` and `<|im_end|>`), and
-/// a ChatML template, so the whole training loop runs on it in milliseconds.
+/// Writes a tiny random model as a complete Hugging Face folder, so the whole training loop runs
+/// on it in milliseconds. The folder has f32 weights, a ChatML template and a byte-level
+/// tokenizer with no merges: every byte is a token, then `<|im_start|>` and `<|im_end|>`.
 pub fn write_tiny_model_folder(dir: &std::path::Path, model_type: &str, seed: u64) -> Result<()> {
     let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet().into_iter().collect();
     alphabet.sort_unstable();

@@ -1,4 +1,4 @@
-//! Maps a validated job spec to the trainer's settings; the API's estimate uses the same
+//! Maps a validated job spec to the trainer's settings. The API's estimate uses the same
 //! mapping, so an estimate describes exactly the run a job would make.
 
 use studio_core::spec::{LrScheduler, TrainingType};

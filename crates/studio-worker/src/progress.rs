@@ -246,7 +246,7 @@ fn step_message(metrics: &StepMetrics) -> String {
     message
 }
 
-/// The `data` of a `metrics` event: OpenAI's keys, then ours.
+/// Builds the `data` of a `metrics` event: OpenAI's keys, then ours.
 fn metrics_event_data(metrics: &StepMetrics) -> Value {
     json!({
         "step": metrics.step,
