@@ -46,7 +46,9 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_) => StoreError::Unavailable(err.into()),
-            sqlx::Error::Database(db) if is_sqlite_busy(db.as_ref()) => {
+            sqlx::Error::Database(db)
+                if is_sqlite_busy(db.as_ref()) || is_postgres_unavailable(db.as_ref()) =>
+            {
                 StoreError::Unavailable(err.into())
             }
             sqlx::Error::Database(db) => match db.kind() {
@@ -81,6 +83,20 @@ fn is_sqlite_busy(db: &dyn sqlx::error::DatabaseError) -> bool {
     matches!(primary, Some(SQLITE_BUSY | SQLITE_LOCKED))
 }
 
+/// Postgres errors of a server that restarts, shuts down or has not finished starting: SQLSTATE
+/// class 08 (connection exception), 57P01 (admin_shutdown), 57P02 (crash_shutdown) and 57P03
+/// (cannot_connect_now). A retry after the restart succeeds.
+fn is_postgres_unavailable(db: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() else {
+        return false;
+    };
+    is_unavailable_sqlstate(pg.code())
+}
+
+fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+}
+
 fn constraint(db: &dyn sqlx::error::DatabaseError) -> String {
     db.constraint().unwrap_or("unnamed constraint").to_owned()
 }
@@ -88,5 +104,24 @@ fn constraint(db: &dyn sqlx::error::DatabaseError) -> String {
 impl From<std::io::Error> for StoreError {
     fn from(err: std::io::Error) -> Self {
         StoreError::other("file system error", err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_unavailable_sqlstate;
+
+    #[test]
+    fn restart_sqlstates_are_unavailable() {
+        for code in ["08000", "08003", "08006", "08001", "08004", "57P01", "57P02", "57P03"] {
+            assert!(is_unavailable_sqlstate(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn other_sqlstates_are_not_unavailable() {
+        for code in ["23505", "57014", "40001", "42P01", "XX000"] {
+            assert!(!is_unavailable_sqlstate(code), "{code}");
+        }
     }
 }

@@ -5,12 +5,14 @@
 //! not with the checked macros, so a fresh clone builds without a database.
 
 mod artifacts;
+mod attempts;
 mod catalog;
 mod clock;
 mod error;
 pub mod keys;
 mod postgres;
 mod records;
+mod retry;
 mod rows;
 mod sqlite;
 mod store;
@@ -22,13 +24,14 @@ pub use artifacts::{ArtifactStore, ArtifactWriter};
 pub use catalog::{BaseModel, CatalogError, ModelCatalog, ModelFormat};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::StoreError;
-pub use postgres::PgStore;
+pub use postgres::{PgStore, POSTGRES_ACQUIRE_TIMEOUT};
 pub use sqlite::{sqlite_path, SqliteStore};
 pub use records::{
     CancelOutcome, CheckpointRecord, EventLevel, EventRecord, EventType, FileRecord, Heartbeat,
     JobError, JobRecord, MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest,
-    RescuedJob,
+    PauseOutcome, RescuedJob,
 };
+pub use retry::{retry_delay, RETRY_BASE_DELAY, RETRY_MAX_DELAY};
 pub use store::Store;
 
 /// The Postgres migrations of `migrations/` at the repository root, embedded at build time.

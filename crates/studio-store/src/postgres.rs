@@ -11,13 +11,22 @@ use sqlx::Row;
 use studio_core::dataset::DatasetFormat;
 use studio_core::{CheckpointId, EventId, FileId, JobId, JobSpec, JobStatus};
 
+use crate::attempts::{end_attempt, worker_lost, AttemptOutcome, EndingAttempt};
 use crate::records::{
     CancelOutcome, CheckpointRecord, EventLevel, EventRecord, EventType, FileRecord, Heartbeat,
     JobError, JobRecord, MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest,
-    RescuedJob,
+    PauseOutcome, RescuedJob,
 };
-use crate::rows::{corrupt, into_page, job_id, status, to_i64, to_u64};
+use crate::rows::{
+    corrupt, idempotency_mismatch, into_page, job_id, not_pausable, not_resumable, status, to_i64,
+    to_u64,
+};
 use crate::{Clock, Store, StoreError};
+
+/// How long a query waits for a pool connection, including the attempts to open one, before it
+/// fails with [`StoreError::Unavailable`]. It is short so that while Postgres restarts or is
+/// down, an API request returns 503 within seconds instead of hanging.
+pub const POSTGRES_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Opens a pool on `database_url`, failing fast when the server cannot be reached.
 pub(crate) async fn connect(database_url: &str) -> Result<PgPool, StoreError> {
@@ -28,7 +37,7 @@ pub(crate) async fn connect(database_url: &str) -> Result<PgPool, StoreError> {
     }
     let pool = PgPoolOptions::new()
         .max_connections(10)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(POSTGRES_ACQUIRE_TIMEOUT)
         .connect(database_url)
         .await?;
     Ok(pool)
@@ -102,7 +111,12 @@ const FILE_COLUMNS: &str =
     "id, created_at, filename, purpose, bytes, sha256, format, line_count, status";
 
 const JOB_COLUMNS: &str = "id, created_at, updated_at, started_at, finished_at, status, spec, error, \
-     fine_tuned_model, trained_tokens, locked_by, lease_expires_at, attempt, max_attempts, cancel_requested";
+     fine_tuned_model, trained_tokens, locked_by, lease_expires_at, attempt, max_attempts, cancel_requested, \
+     pause_requested, run_after, last_error, idempotency_key";
+
+/// The columns of a running job that decide where it goes when its attempt ends.
+const ENDING_ATTEMPT_COLUMNS: &str =
+    "id, locked_by, lease_expires_at, attempt, max_attempts, cancel_requested, pause_requested";
 
 const EVENT_COLUMNS: &str = "id, job_id, created_at, level, type, message, data";
 
@@ -157,10 +171,13 @@ impl Store for PgStore {
     async fn insert_job(&self, job: &NewJob) -> Result<JobRecord, StoreError> {
         let spec = &job.spec;
         let now = self.clock.now();
+        // Safe under concurrency: of two inserts with one key, the second waits on the unique
+        // index until the first commits, then does nothing and reads the first one's row.
         let sql = format!(
             "INSERT INTO jobs (id, created_at, updated_at, status, model, training_file, validation_file, suffix,
-                               seed, metadata, spec, hyperparameters, max_attempts)
-             VALUES ($1, $2, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                               seed, metadata, spec, hyperparameters, max_attempts, idempotency_key, request_hash)
+             VALUES ($1, $2, $2, 'queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING {JOB_COLUMNS}"
         );
         let row = sqlx::query(&sql)
@@ -175,9 +192,23 @@ impl Store for PgStore {
             .bind(Json(spec))
             .bind(Json(spec.hyperparameters()))
             .bind(i32::try_from(job.max_attempts).unwrap_or(i32::MAX))
-            .fetch_one(&self.pool)
+            .bind(job.idempotency_key.as_deref())
+            .bind(job.request_hash.as_deref())
+            .fetch_optional(&self.pool)
             .await?;
-        job_from_row(&row)
+        if let Some(row) = row {
+            return job_from_row(&row);
+        }
+        // Only a stored idempotency key makes the insert do nothing.
+        let key = job.idempotency_key.as_deref().unwrap_or_default();
+        let sql = format!("SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE idempotency_key = $1");
+        let row = sqlx::query(&sql).bind(key).fetch_one(&self.pool).await?;
+        let stored_hash: Option<String> = row.try_get("request_hash")?;
+        let existing = job_from_row(&row)?;
+        if stored_hash != job.request_hash {
+            return Err(idempotency_mismatch(key, &existing.id));
+        }
+        Ok(existing)
     }
 
     async fn get_job(&self, id: &JobId) -> Result<JobRecord, StoreError> {
@@ -221,6 +252,7 @@ impl Store for PgStore {
                  status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
                  finished_at = CASE WHEN status = 'running' THEN finished_at ELSE $2 END,
                  cancel_requested = TRUE,
+                 run_after = NULL,
                  updated_at = $2
              WHERE id = $1 AND status IN ('validating_files', 'queued', 'paused', 'running')
              RETURNING {JOB_COLUMNS}"
@@ -243,6 +275,57 @@ impl Store for PgStore {
         }
     }
 
+    async fn request_pause(&self, id: &JobId) -> Result<PauseOutcome, StoreError> {
+        // Safe under concurrency: like request_cancel, the UPDATE re-checks the row after a
+        // concurrent claim commits, so a job that just became running gets the flag instead.
+        let sql = format!(
+            "UPDATE jobs SET
+                 status = CASE WHEN status = 'running' THEN status ELSE 'paused' END,
+                 pause_requested = (status = 'running'),
+                 run_after = NULL,
+                 updated_at = $2
+             WHERE id = $1
+               AND (status IN ('validating_files', 'queued')
+                    OR (status = 'running' AND NOT cancel_requested))
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(self.clock.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            let job = self.get_job(id).await?;
+            return match job.status {
+                JobStatus::Paused => Ok(PauseOutcome::AlreadyPaused(job)),
+                _ => Err(not_pausable(&job)),
+            };
+        };
+        let job = job_from_row(&row)?;
+        Ok(if job.status == JobStatus::Running {
+            PauseOutcome::Requested(job)
+        } else {
+            PauseOutcome::Paused(job)
+        })
+    }
+
+    async fn resume_job(&self, id: &JobId) -> Result<JobRecord, StoreError> {
+        let sql = format!(
+            "UPDATE jobs SET status = 'queued', run_after = NULL, updated_at = $2
+             WHERE id = $1 AND status = 'paused'
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(self.clock.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => job_from_row(&row),
+            None => Err(not_resumable(&self.get_job(id).await?)),
+        }
+    }
+
     async fn claim_job(
         &self,
         worker_id: &str,
@@ -255,6 +338,7 @@ impl Store for PgStore {
             "WITH next AS (
                  SELECT id FROM jobs
                  WHERE status = 'queued' AND attempt < max_attempts
+                   AND (run_after IS NULL OR run_after <= $3)
                  ORDER BY seq
                  LIMIT 1
                  FOR UPDATE SKIP LOCKED
@@ -263,6 +347,7 @@ impl Store for PgStore {
                  status = 'running',
                  locked_by = $1,
                  lease_expires_at = $2,
+                 run_after = NULL,
                  attempt = jobs.attempt + 1,
                  started_at = COALESCE(jobs.started_at, $3),
                  updated_at = $3
@@ -292,7 +377,7 @@ impl Store for PgStore {
         let row = sqlx::query(
             "UPDATE jobs SET lease_expires_at = $3, updated_at = $4
              WHERE id = $1 AND locked_by = $2 AND status = 'running'
-             RETURNING cancel_requested, lease_expires_at",
+             RETURNING cancel_requested, pause_requested, lease_expires_at",
         )
         .bind(id.as_str())
         .bind(worker_id)
@@ -303,6 +388,7 @@ impl Store for PgStore {
         match row {
             Some(row) => Ok(Heartbeat {
                 cancel_requested: row.try_get("cancel_requested")?,
+                pause_requested: row.try_get("pause_requested")?,
                 lease_expires_at: row.try_get("lease_expires_at")?,
             }),
             None => self
@@ -386,7 +472,8 @@ impl Store for PgStore {
         // Safe under concurrency: the same ownership guard as complete_job; the job becomes
         // claimable only once this statement commits.
         let sql = format!(
-            "UPDATE jobs SET status = 'queued', updated_at = $3, attempt = attempt - 1,
+            "UPDATE jobs SET status = CASE WHEN pause_requested THEN 'paused' ELSE 'queued' END,
+                 updated_at = $3, attempt = attempt - 1, pause_requested = FALSE,
                  locked_by = NULL, lease_expires_at = NULL
              WHERE id = $1 AND locked_by = $2 AND status = 'running'
              RETURNING {JOB_COLUMNS}"
@@ -400,39 +487,85 @@ impl Store for PgStore {
         self.owned_update(id, worker_id, row).await
     }
 
+    async fn pause_running_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+    ) -> Result<JobRecord, StoreError> {
+        // Safe under concurrency: the same ownership guard as complete_job.
+        let sql = format!(
+            "UPDATE jobs SET status = 'paused', updated_at = $3, attempt = attempt - 1,
+                 pause_requested = FALSE, locked_by = NULL, lease_expires_at = NULL
+             WHERE id = $1 AND locked_by = $2 AND status = 'running'
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(worker_id)
+            .bind(self.clock.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        self.owned_update(id, worker_id, row).await
+    }
+
+    async fn requeue_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        error: &JobError,
+    ) -> Result<JobRecord, StoreError> {
+        // Safe under concurrency: FOR UPDATE locks the owned row until the commit, so no rescue,
+        // cancel or pause request changes it between the read and the update.
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "SELECT {ENDING_ATTEMPT_COLUMNS} FROM jobs
+             WHERE id = $1 AND locked_by = $2 AND status = 'running'
+             FOR UPDATE"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(worker_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return self.owned_update(id, worker_id, None).await;
+        };
+        let now = self.clock.now();
+        let outcome = end_attempt(&ending_attempt_from_row(&row)?, error.clone(), now);
+        let job = apply_attempt_outcome(&mut tx, id, &outcome, now).await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
     async fn rescue_expired_jobs(&self) -> Result<Vec<RescuedJob>, StoreError> {
-        // Safe under concurrency: each row is locked by the UPDATE and re-checked after a
-        // concurrent heartbeat commits, so a lease extended in the meantime is not rescued.
-        // The CASEs read the old row, so all columns follow the same branch.
-        let rows = sqlx::query(
-            "UPDATE jobs SET
-                 status = CASE WHEN cancel_requested THEN 'cancelled'
-                               WHEN attempt >= max_attempts THEN 'failed'
-                               ELSE 'queued' END,
-                 finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN $1 END,
-                 error = CASE WHEN NOT cancel_requested AND attempt >= max_attempts
-                              THEN jsonb_build_object(
-                                  'code', 'lease_expired',
-                                  'message', 'the worker stopped sending heartbeats ' || attempt || ' times; giving up',
-                                  'param', NULL)
-                              ELSE error END,
-                 locked_by = NULL,
-                 lease_expires_at = NULL,
-                 updated_at = $1
+        // Safe under concurrency: FOR UPDATE re-checks each row after a concurrent heartbeat
+        // commits, so a lease extended in the meantime is not rescued, and SKIP LOCKED leaves a
+        // row that a heartbeat or another rescuer holds for the next round. The rows stay
+        // locked until the commit, so each update applies to the state that was read.
+        let now = self.clock.now();
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "SELECT {ENDING_ATTEMPT_COLUMNS} FROM jobs
              WHERE status = 'running' AND lease_expires_at < $1
-             RETURNING id, status",
-        )
-        .bind(self.clock.now())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RescuedJob {
-                    id: job_id(row.try_get("id")?)?,
-                    status: status(row.try_get("status")?)?,
-                })
-            })
-            .collect()
+             ORDER BY seq
+             FOR UPDATE SKIP LOCKED"
+        );
+        let rows = sqlx::query(&sql).bind(now).fetch_all(&mut *tx).await?;
+        let mut rescued = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let attempt = ending_attempt_from_row(row)?;
+            let worker: String = row.try_get("locked_by")?;
+            let expired_at: DateTime<Utc> = row.try_get("lease_expires_at")?;
+            let outcome = end_attempt(&attempt, worker_lost(&worker, expired_at), now);
+            apply_attempt_outcome(&mut tx, &attempt.id, &outcome, now).await?;
+            rescued.push(RescuedJob {
+                id: attempt.id,
+                status: outcome.status,
+            });
+        }
+        tx.commit().await?;
+        Ok(rescued)
     }
 
     async fn insert_event(&self, event: &NewEvent) -> Result<EventRecord, StoreError> {
@@ -622,6 +755,45 @@ impl Store for PgStore {
     }
 }
 
+/// Writes the new state of a running job whose attempt ended, in the transaction that locked it.
+async fn apply_attempt_outcome(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: &JobId,
+    outcome: &AttemptOutcome,
+    now: DateTime<Utc>,
+) -> Result<JobRecord, StoreError> {
+    let sql = format!(
+        "UPDATE jobs SET status = $2, finished_at = $3, error = COALESCE($4, error), last_error = $5,
+             run_after = $6, pause_requested = FALSE, locked_by = NULL, lease_expires_at = NULL,
+             updated_at = $7
+         WHERE id = $1 AND status = 'running'
+         RETURNING {JOB_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id.as_str())
+        .bind(outcome.status.as_str())
+        .bind(outcome.finished_at)
+        .bind(outcome.error.as_ref().map(Json))
+        .bind(Json(&outcome.last_error))
+        .bind(outcome.run_after)
+        .bind(now)
+        .fetch_one(&mut **tx)
+        .await?;
+    job_from_row(&row)
+}
+
+fn ending_attempt_from_row(row: &PgRow) -> Result<EndingAttempt, StoreError> {
+    let attempt: i32 = row.try_get("attempt")?;
+    let max_attempts: i32 = row.try_get("max_attempts")?;
+    Ok(EndingAttempt {
+        id: job_id(row.try_get("id")?)?,
+        attempt: attempt.max(0) as u32,
+        max_attempts: max_attempts.max(0) as u32,
+        cancel_requested: row.try_get("cancel_requested")?,
+        pause_requested: row.try_get("pause_requested")?,
+    })
+}
+
 fn qualified_job_columns() -> String {
     JOB_COLUMNS
         .split(", ")
@@ -651,6 +823,7 @@ fn file_from_row(row: &PgRow) -> Result<FileRecord, StoreError> {
 fn job_from_row(row: &PgRow) -> Result<JobRecord, StoreError> {
     let Json(spec): Json<JobSpec> = row.try_get("spec")?;
     let error: Option<Json<JobError>> = row.try_get("error")?;
+    let last_error: Option<Json<JobError>> = row.try_get("last_error")?;
     let trained_tokens: Option<i64> = row.try_get("trained_tokens")?;
     let attempt: i32 = row.try_get("attempt")?;
     let max_attempts: i32 = row.try_get("max_attempts")?;
@@ -670,6 +843,10 @@ fn job_from_row(row: &PgRow) -> Result<JobRecord, StoreError> {
         attempt: attempt.max(0) as u32,
         max_attempts: max_attempts.max(0) as u32,
         cancel_requested: row.try_get("cancel_requested")?,
+        pause_requested: row.try_get("pause_requested")?,
+        run_after: row.try_get("run_after")?,
+        last_error: last_error.map(|Json(error)| error),
+        idempotency_key: row.try_get("idempotency_key")?,
     })
 }
 

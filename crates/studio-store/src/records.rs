@@ -38,6 +38,11 @@ pub struct NewJob {
     pub spec: JobSpec,
     /// How often the job may be claimed before an expired lease fails it.
     pub max_attempts: u32,
+    /// The client's `Idempotency-Key`: at most one job is stored per key.
+    pub idempotency_key: Option<String>,
+    /// A hash of the canonical create request, set exactly when `idempotency_key` is, so the
+    /// store detects a repeat of the key with another request.
+    pub request_hash: Option<String>,
 }
 
 /// The `error` object of a failed job, as OpenAI shapes it.
@@ -67,6 +72,14 @@ pub struct JobRecord {
     pub attempt: u32,
     pub max_attempts: u32,
     pub cancel_requested: bool,
+    /// Set on a running job whose pause was requested, until its worker pauses it.
+    pub pause_requested: bool,
+    /// A queued job is not claimed before this time: the backoff after a failed attempt.
+    pub run_after: Option<DateTime<Utc>>,
+    /// The error of the latest attempt that ended without finishing the job, from a lost
+    /// worker or a transient failure. The job may have been requeued since.
+    pub last_error: Option<JobError>,
+    pub idempotency_key: Option<String>,
 }
 
 /// The effect of a cancel request.
@@ -80,10 +93,23 @@ pub enum CancelOutcome {
     AlreadyFinished(JobRecord),
 }
 
+/// The effect of a pause request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PauseOutcome {
+    /// The job had not started and is now `paused`.
+    Paused(JobRecord),
+    /// The job is running; its worker will write a checkpoint and set `paused`.
+    Requested(JobRecord),
+    /// The job was already paused; nothing changed.
+    AlreadyPaused(JobRecord),
+}
+
 /// The result of a heartbeat from the worker that owns the job.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Heartbeat {
     pub cancel_requested: bool,
+    /// The worker should write a checkpoint and call `pause_running_job`.
+    pub pause_requested: bool,
     pub lease_expires_at: DateTime<Utc>,
 }
 

@@ -2,7 +2,7 @@
 
 use studio_core::{JobId, JobStatus};
 
-use crate::records::Page;
+use crate::records::{JobRecord, Page};
 use crate::StoreError;
 
 /// Splits the `limit + 1` rows of a page query into the page and `has_more`.
@@ -36,4 +36,33 @@ pub(crate) fn job_id(value: String) -> Result<JobId, StoreError> {
 
 pub(crate) fn status(value: String) -> Result<JobStatus, StoreError> {
     value.parse().map_err(|err| corrupt("job status", err))
+}
+
+/// Builds the error for a create whose Idempotency-Key was stored with another request.
+pub(crate) fn idempotency_mismatch(key: &str, existing: &JobId) -> StoreError {
+    StoreError::Conflict(format!(
+        "Idempotency-Key {key:?} was already used to create fine-tuning job {existing} with a \
+         different request body; repeat that request unchanged, or send a new key for a new job"
+    ))
+}
+
+/// Builds the error for a pause request on a job that cannot be paused.
+pub(crate) fn not_pausable(job: &JobRecord) -> StoreError {
+    let reason = if job.status == JobStatus::Running && job.cancel_requested {
+        "its cancel was already requested".to_owned()
+    } else {
+        format!("it is {}", job.status)
+    };
+    StoreError::Conflict(format!(
+        "fine-tuning job {} cannot be paused: {reason}; only queued or running jobs can be paused",
+        job.id
+    ))
+}
+
+/// Builds the error for a resume of a job that is not paused.
+pub(crate) fn not_resumable(job: &JobRecord) -> StoreError {
+    StoreError::Conflict(format!(
+        "fine-tuning job {} cannot be resumed: it is {}; only paused jobs can be resumed",
+        job.id, job.status
+    ))
 }

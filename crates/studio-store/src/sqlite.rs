@@ -20,12 +20,16 @@ use sqlx::Row;
 use studio_core::dataset::DatasetFormat;
 use studio_core::{CheckpointId, EventId, FileId, JobId, JobSpec, JobStatus};
 
+use crate::attempts::{end_attempt, worker_lost, AttemptOutcome, EndingAttempt};
 use crate::records::{
     CancelOutcome, CheckpointRecord, EventLevel, EventRecord, EventType, FileRecord, Heartbeat,
     JobError, JobRecord, MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest,
-    RescuedJob,
+    PauseOutcome, RescuedJob,
 };
-use crate::rows::{corrupt, into_page, job_id, status, to_i64, to_u64};
+use crate::rows::{
+    corrupt, idempotency_mismatch, into_page, job_id, not_pausable, not_resumable, status, to_i64,
+    to_u64,
+};
 use crate::{Clock, Store, StoreError};
 
 /// How long a statement waits for another connection's write lock before it fails with
@@ -149,7 +153,12 @@ const FILE_COLUMNS: &str =
     "id, created_at, filename, purpose, bytes, sha256, format, line_count, status";
 
 const JOB_COLUMNS: &str = "id, created_at, updated_at, started_at, finished_at, status, spec, error, \
-     fine_tuned_model, trained_tokens, locked_by, lease_expires_at, attempt, max_attempts, cancel_requested";
+     fine_tuned_model, trained_tokens, locked_by, lease_expires_at, attempt, max_attempts, cancel_requested, \
+     pause_requested, run_after, last_error, idempotency_key";
+
+/// The columns of a running job that decide where it goes when its attempt ends.
+const ENDING_ATTEMPT_COLUMNS: &str =
+    "id, locked_by, lease_expires_at, attempt, max_attempts, cancel_requested, pause_requested";
 
 const EVENT_COLUMNS: &str = "id, job_id, created_at, level, type, message, data";
 
@@ -206,10 +215,13 @@ impl Store for SqliteStore {
 
     async fn insert_job(&self, job: &NewJob) -> Result<JobRecord, StoreError> {
         let spec = &job.spec;
+        // Safe under concurrency: the insert and the unique index check run under the write
+        // lock, so of two inserts with one key the second finds the first's row and does nothing.
         let sql = format!(
             "INSERT INTO jobs (id, created_at, updated_at, status, model, training_file, validation_file, suffix,
-                               seed, metadata, spec, hyperparameters, max_attempts)
-             VALUES (?1, ?2, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                               seed, metadata, spec, hyperparameters, max_attempts, idempotency_key, request_hash)
+             VALUES (?1, ?2, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING {JOB_COLUMNS}"
         );
         let row = sqlx::query(&sql)
@@ -224,9 +236,23 @@ impl Store for SqliteStore {
             .bind(Json(spec))
             .bind(Json(spec.hyperparameters()))
             .bind(i64::from(job.max_attempts))
-            .fetch_one(&self.pool)
+            .bind(job.idempotency_key.as_deref())
+            .bind(job.request_hash.as_deref())
+            .fetch_optional(&self.pool)
             .await?;
-        job_from_row(&row)
+        if let Some(row) = row {
+            return job_from_row(&row);
+        }
+        // Only a stored idempotency key makes the insert do nothing.
+        let key = job.idempotency_key.as_deref().unwrap_or_default();
+        let sql = format!("SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE idempotency_key = ?1");
+        let row = sqlx::query(&sql).bind(key).fetch_one(&self.pool).await?;
+        let stored_hash: Option<String> = row.try_get("request_hash")?;
+        let existing = job_from_row(&row)?;
+        if stored_hash != job.request_hash {
+            return Err(idempotency_mismatch(key, &existing.id));
+        }
+        Ok(existing)
     }
 
     async fn get_job(&self, id: &JobId) -> Result<JobRecord, StoreError> {
@@ -269,6 +295,7 @@ impl Store for SqliteStore {
                  status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
                  finished_at = CASE WHEN status = 'running' THEN finished_at ELSE ?2 END,
                  cancel_requested = 1,
+                 run_after = NULL,
                  updated_at = ?2
              WHERE id = ?1 AND status IN ('validating_files', 'queued', 'paused', 'running')
              RETURNING {JOB_COLUMNS}"
@@ -291,6 +318,57 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn request_pause(&self, id: &JobId) -> Result<PauseOutcome, StoreError> {
+        // Safe under concurrency: one statement under the write lock, like request_cancel. The
+        // SET expressions read the old row, so `status` and `pause_requested` agree.
+        let sql = format!(
+            "UPDATE jobs SET
+                 status = CASE WHEN status = 'running' THEN status ELSE 'paused' END,
+                 pause_requested = (status = 'running'),
+                 run_after = NULL,
+                 updated_at = ?2
+             WHERE id = ?1
+               AND (status IN ('validating_files', 'queued')
+                    OR (status = 'running' AND NOT cancel_requested))
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(self.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else {
+            let job = self.get_job(id).await?;
+            return match job.status {
+                JobStatus::Paused => Ok(PauseOutcome::AlreadyPaused(job)),
+                _ => Err(not_pausable(&job)),
+            };
+        };
+        let job = job_from_row(&row)?;
+        Ok(if job.status == JobStatus::Running {
+            PauseOutcome::Requested(job)
+        } else {
+            PauseOutcome::Paused(job)
+        })
+    }
+
+    async fn resume_job(&self, id: &JobId) -> Result<JobRecord, StoreError> {
+        let sql = format!(
+            "UPDATE jobs SET status = 'queued', run_after = NULL, updated_at = ?2
+             WHERE id = ?1 AND status = 'paused'
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(self.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(row) => job_from_row(&row),
+            None => Err(not_resumable(&self.get_job(id).await?)),
+        }
+    }
+
     async fn claim_job(
         &self,
         worker_id: &str,
@@ -303,12 +381,14 @@ impl Store for SqliteStore {
                  status = 'running',
                  locked_by = ?1,
                  lease_expires_at = ?2,
+                 run_after = NULL,
                  attempt = attempt + 1,
                  started_at = COALESCE(started_at, ?3),
                  updated_at = ?3
              WHERE seq = (
                  SELECT seq FROM jobs
                  WHERE status = 'queued' AND attempt < max_attempts
+                   AND (run_after IS NULL OR run_after <= ?3)
                  ORDER BY seq
                  LIMIT 1
              )
@@ -336,7 +416,7 @@ impl Store for SqliteStore {
         let sql = format!(
             "UPDATE jobs SET lease_expires_at = ?3, updated_at = ?4
              WHERE {OWNED_BY_WORKER}
-             RETURNING cancel_requested, lease_expires_at"
+             RETURNING cancel_requested, pause_requested, lease_expires_at"
         );
         let row = sqlx::query(&sql)
             .bind(id.as_str())
@@ -348,6 +428,7 @@ impl Store for SqliteStore {
         match row {
             Some(row) => Ok(Heartbeat {
                 cancel_requested: row.try_get("cancel_requested")?,
+                pause_requested: row.try_get("pause_requested")?,
                 lease_expires_at: timestamp(row.try_get("lease_expires_at")?)?,
             }),
             None => Err(self.not_owned(id, worker_id).await),
@@ -428,7 +509,8 @@ impl Store for SqliteStore {
         // Safe under concurrency: the same one-statement ownership guard as complete_job; the
         // job becomes claimable only once this statement commits.
         let sql = format!(
-            "UPDATE jobs SET status = 'queued', updated_at = ?3, attempt = attempt - 1,
+            "UPDATE jobs SET status = CASE WHEN pause_requested THEN 'paused' ELSE 'queued' END,
+                 updated_at = ?3, attempt = attempt - 1, pause_requested = 0,
                  locked_by = NULL, lease_expires_at = NULL
              WHERE {OWNED_BY_WORKER}
              RETURNING {JOB_COLUMNS}"
@@ -442,39 +524,82 @@ impl Store for SqliteStore {
         self.owned_update(id, worker_id, row).await
     }
 
+    async fn pause_running_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+    ) -> Result<JobRecord, StoreError> {
+        // Safe under concurrency: the same one-statement ownership guard as complete_job.
+        let sql = format!(
+            "UPDATE jobs SET status = 'paused', updated_at = ?3, attempt = attempt - 1,
+                 pause_requested = 0, locked_by = NULL, lease_expires_at = NULL
+             WHERE {OWNED_BY_WORKER}
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(worker_id)
+            .bind(self.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        self.owned_update(id, worker_id, row).await
+    }
+
+    async fn requeue_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        error: &JobError,
+    ) -> Result<JobRecord, StoreError> {
+        // Safe under concurrency: BEGIN IMMEDIATE holds the write lock from the read to the
+        // commit, so no rescue, cancel or pause request changes the job in between.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let sql = format!("SELECT {ENDING_ATTEMPT_COLUMNS} FROM jobs WHERE {OWNED_BY_WORKER}");
+        let row = sqlx::query(&sql)
+            .bind(id.as_str())
+            .bind(worker_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Err(self.not_owned(id, worker_id).await);
+        };
+        let now = self.clock.now();
+        let outcome = end_attempt(&ending_attempt_from_row(&row)?, error.clone(), now);
+        let job = apply_attempt_outcome(&mut tx, id, &outcome, now).await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
     async fn rescue_expired_jobs(&self) -> Result<Vec<RescuedJob>, StoreError> {
-        // Safe under concurrency: one statement under the write lock, so a heartbeat commits
-        // wholly before it (and its lease is seen) or after it (and finds the job not owned).
-        // The SET expressions read the old row, so all columns follow the same branch.
-        let rows = sqlx::query(
-            "UPDATE jobs SET
-                 status = CASE WHEN cancel_requested THEN 'cancelled'
-                               WHEN attempt >= max_attempts THEN 'failed'
-                               ELSE 'queued' END,
-                 finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN ?1 END,
-                 error = CASE WHEN NOT cancel_requested AND attempt >= max_attempts
-                              THEN json_object(
-                                  'code', 'lease_expired',
-                                  'message', 'the worker stopped sending heartbeats ' || attempt || ' times; giving up',
-                                  'param', NULL)
-                              ELSE error END,
-                 locked_by = NULL,
-                 lease_expires_at = NULL,
-                 updated_at = ?1
+        // Safe under concurrency: BEGIN IMMEDIATE holds the write lock from the read to the
+        // commit, so a heartbeat commits wholly before it (and its lease is seen) or after it
+        // (and finds the job not owned).
+        let now = self.clock.now();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let sql = format!(
+            "SELECT {ENDING_ATTEMPT_COLUMNS} FROM jobs
              WHERE status = 'running' AND lease_expires_at < ?1
-             RETURNING id, status",
-        )
-        .bind(self.now())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RescuedJob {
-                    id: job_id(row.try_get("id")?)?,
-                    status: status(row.try_get("status")?)?,
-                })
-            })
-            .collect()
+             ORDER BY seq"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(now.timestamp_micros())
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut rescued = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let attempt = ending_attempt_from_row(row)?;
+            let worker: String = row.try_get("locked_by")?;
+            let expired_at = timestamp(row.try_get("lease_expires_at")?)?;
+            let outcome = end_attempt(&attempt, worker_lost(&worker, expired_at), now);
+            apply_attempt_outcome(&mut tx, &attempt.id, &outcome, now).await?;
+            rescued.push(RescuedJob {
+                id: attempt.id,
+                status: outcome.status,
+            });
+        }
+        tx.commit().await?;
+        Ok(rescued)
     }
 
     async fn insert_event(&self, event: &NewEvent) -> Result<EventRecord, StoreError> {
@@ -670,6 +795,45 @@ impl Store for SqliteStore {
     }
 }
 
+/// Writes the new state of a running job whose attempt ended, in the transaction that read it.
+async fn apply_attempt_outcome(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    id: &JobId,
+    outcome: &AttemptOutcome,
+    now: DateTime<Utc>,
+) -> Result<JobRecord, StoreError> {
+    let sql = format!(
+        "UPDATE jobs SET status = ?2, finished_at = ?3, error = COALESCE(?4, error), last_error = ?5,
+             run_after = ?6, pause_requested = 0, locked_by = NULL, lease_expires_at = NULL,
+             updated_at = ?7
+         WHERE id = ?1 AND status = 'running'
+         RETURNING {JOB_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id.as_str())
+        .bind(outcome.status.as_str())
+        .bind(outcome.finished_at.map(|t| t.timestamp_micros()))
+        .bind(outcome.error.as_ref().map(Json))
+        .bind(Json(&outcome.last_error))
+        .bind(outcome.run_after.map(|t| t.timestamp_micros()))
+        .bind(now.timestamp_micros())
+        .fetch_one(&mut **tx)
+        .await?;
+    job_from_row(&row)
+}
+
+fn ending_attempt_from_row(row: &SqliteRow) -> Result<EndingAttempt, StoreError> {
+    let attempt: i64 = row.try_get("attempt")?;
+    let max_attempts: i64 = row.try_get("max_attempts")?;
+    Ok(EndingAttempt {
+        id: job_id(row.try_get("id")?)?,
+        attempt: u32::try_from(attempt).unwrap_or(0),
+        max_attempts: u32::try_from(max_attempts).unwrap_or(0),
+        cancel_requested: row.try_get("cancel_requested")?,
+        pause_requested: row.try_get("pause_requested")?,
+    })
+}
+
 /// Decodes a column of microseconds since the Unix epoch.
 fn timestamp(micros: i64) -> Result<DateTime<Utc>, StoreError> {
     DateTime::from_timestamp_micros(micros).ok_or_else(|| {
@@ -705,6 +869,7 @@ fn file_from_row(row: &SqliteRow) -> Result<FileRecord, StoreError> {
 fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
     let Json(spec): Json<JobSpec> = row.try_get("spec")?;
     let error: Option<Json<JobError>> = row.try_get("error")?;
+    let last_error: Option<Json<JobError>> = row.try_get("last_error")?;
     let trained_tokens: Option<i64> = row.try_get("trained_tokens")?;
     let attempt: i64 = row.try_get("attempt")?;
     let max_attempts: i64 = row.try_get("max_attempts")?;
@@ -724,6 +889,10 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
         attempt: u32::try_from(attempt).unwrap_or(0),
         max_attempts: u32::try_from(max_attempts).unwrap_or(0),
         cancel_requested: row.try_get("cancel_requested")?,
+        pause_requested: row.try_get("pause_requested")?,
+        run_after: optional_timestamp(row.try_get("run_after")?)?,
+        last_error: last_error.map(|Json(error)| error),
+        idempotency_key: row.try_get("idempotency_key")?,
     })
 }
 

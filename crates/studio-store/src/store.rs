@@ -5,7 +5,8 @@ use studio_core::{CheckpointId, FileId, JobId};
 
 use crate::records::{
     CancelOutcome, CheckpointRecord, EventRecord, FileRecord, Heartbeat, JobError, JobRecord,
-    MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest, RescuedJob,
+    MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest, PauseOutcome,
+    RescuedJob,
 };
 use crate::StoreError;
 
@@ -21,6 +22,10 @@ pub trait Store: Send + Sync {
     async fn get_file(&self, id: &FileId) -> Result<FileRecord, StoreError>;
     async fn list_files(&self, page: &PageRequest) -> Result<Page<FileRecord>, StoreError>;
 
+    /// Inserts a queued job. With an `idempotency_key` already stored, nothing is inserted:
+    /// the job created with that key is returned (its id is not `job.id`) when its
+    /// `request_hash` matches, and [`StoreError::Conflict`] otherwise. Concurrent inserts with
+    /// one key store one job.
     async fn insert_job(&self, job: &NewJob) -> Result<JobRecord, StoreError>;
     async fn get_job(&self, id: &JobId) -> Result<JobRecord, StoreError>;
     async fn list_jobs(&self, page: &PageRequest) -> Result<Page<JobRecord>, StoreError>;
@@ -28,15 +33,23 @@ pub trait Store: Send + Sync {
     async fn list_succeeded_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
     /// Cancels a job that has not started, or flags a running job so its worker stops it.
     async fn request_cancel(&self, id: &JobId) -> Result<CancelOutcome, StoreError>;
+    /// Pauses a job that has not started, or flags a running job so its worker writes a
+    /// checkpoint and pauses it. A finished job, or a running one whose cancel was requested,
+    /// is a [`StoreError::Conflict`] that names its state.
+    async fn request_pause(&self, id: &JobId) -> Result<PauseOutcome, StoreError>;
+    /// Puts a paused job back in the queue, claimable at once. Any other state is a
+    /// [`StoreError::Conflict`] that names it.
+    async fn resume_job(&self, id: &JobId) -> Result<JobRecord, StoreError>;
 
-    /// Takes the oldest queued job for `worker_id` with a lease of `lease`, or `None` when the
-    /// queue is empty. Two concurrent claims never return the same job.
+    /// Takes the oldest queued job whose `run_after` has passed for `worker_id` with a lease of
+    /// `lease`, or `None` when there is none. Two concurrent claims never return the same job.
     async fn claim_job(
         &self,
         worker_id: &str,
         lease: Duration,
     ) -> Result<Option<JobRecord>, StoreError>;
-    /// Extends the lease of a running job to now + `lease`, and reports a cancel request.
+    /// Extends the lease of a running job to now + `lease`, and reports cancel and pause
+    /// requests.
     async fn heartbeat(
         &self,
         id: &JobId,
@@ -63,10 +76,25 @@ pub trait Store: Send + Sync {
         worker_id: &str,
     ) -> Result<JobRecord, StoreError>;
     /// Puts a running job back in the queue, for a worker that shuts down mid-run; the
-    /// attempt does not count.
+    /// attempt does not count. A job whose pause was requested becomes `paused` instead.
     async fn release_job(&self, id: &JobId, worker_id: &str) -> Result<JobRecord, StoreError>;
-    /// Requeues running jobs whose lease expired, fails those out of attempts, and cancels
-    /// those whose cancel was requested.
+    /// Sets `paused` after the worker checkpointed a run; the attempt does not count, and the
+    /// job waits for [`Store::resume_job`].
+    async fn pause_running_job(&self, id: &JobId, worker_id: &str)
+        -> Result<JobRecord, StoreError>;
+    /// Ends the attempt of a worker that hit a transient failure, keeping `error` as the job's
+    /// `last_error`: the job goes back to the queue after [`crate::retry_delay`], or fails when
+    /// this was its last attempt (then `error` names the attempts and keeps `error`'s code).
+    /// A requested cancel or pause cancels or pauses the job instead.
+    async fn requeue_job(
+        &self,
+        id: &JobId,
+        worker_id: &str,
+        error: &JobError,
+    ) -> Result<JobRecord, StoreError>;
+    /// Ends the attempts of running jobs whose lease expired, as [`Store::requeue_job`] does
+    /// with a `worker_lost` error: each is requeued after a backoff, failed when out of
+    /// attempts, cancelled when its cancel was requested, or paused when its pause was.
     async fn rescue_expired_jobs(&self) -> Result<Vec<RescuedJob>, StoreError>;
 
     async fn insert_event(&self, event: &NewEvent) -> Result<EventRecord, StoreError>;

@@ -5,4 +5,5 @@
 mod suite;
 
 mod postgres;
+mod queue;
 mod sqlite;

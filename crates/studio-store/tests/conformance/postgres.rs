@@ -106,3 +106,27 @@ async fn database_rejects_terminal_state_without_finish_time() {
     assert!(result.is_err());
     backend.close().await;
 }
+
+#[tokio::test]
+async fn terminated_session_is_unavailable() {
+    let Some(backend) = Backend::open().await else {
+        return;
+    };
+    let mut connection = backend.pool.acquire().await.unwrap();
+
+    // The server ends the session as on a shutdown, with SQLSTATE 57P01 (admin_shutdown).
+    let err = sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
+        .execute(&mut *connection)
+        .await
+        .unwrap_err();
+    let code = err
+        .as_database_error()
+        .and_then(|db| db.code())
+        .map(|code| code.into_owned());
+    let err = studio_store::StoreError::from(err);
+
+    assert_eq!(code.as_deref(), Some("57P01"));
+    assert!(matches!(err, studio_store::StoreError::Unavailable(_)), "{err:?}");
+    drop(connection);
+    backend.close().await;
+}

@@ -13,7 +13,12 @@ use studio_store::{
     NewFile, NewJob, PageRequest, Store, StoreError,
 };
 
+pub use crate::queue::*;
+
 pub const LEASE: Duration = Duration::from_secs(30);
+
+/// Longer than any retry backoff, so a requeued job is claimable after the clock moves by it.
+pub const RETRY_BACKOFF_PASSED: TimeDelta = TimeDelta::seconds(601);
 
 /// Generates one test per case in the calling module. That module defines `Backend`, with
 /// `async fn open() -> Option<Backend>` (`None` when the backend is not configured), a
@@ -58,6 +63,31 @@ macro_rules! conformance_cases {
             files_page_and_get,
             duplicate_file_id_is_conflict,
             job_with_unknown_file_is_conflict,
+            rescued_job_waits_for_backoff,
+            backoff_lets_later_job_be_claimed,
+            rescue_records_worker_lost,
+            out_of_attempts_keeps_last_error,
+            requeue_backs_off_and_keeps_error,
+            requeue_on_last_attempt_fails,
+            requeue_by_other_worker_is_conflict,
+            pause_of_queued_job_is_immediate,
+            pause_of_running_job_is_requested,
+            heartbeat_reports_pause_request,
+            pause_of_paused_job_changes_nothing,
+            pause_of_finished_job_is_conflict,
+            pause_after_cancel_request_is_conflict,
+            pause_running_job_by_owner_only,
+            resume_queues_paused_job,
+            resume_clears_backoff,
+            resume_of_unpaused_job_is_conflict,
+            rescue_pauses_job_with_pause_request,
+            release_of_pause_requested_job_pauses_it,
+            cancel_of_paused_job_is_immediate,
+            cancel_of_backing_off_job_is_immediate,
+            idempotent_insert_returns_first_job,
+            idempotent_insert_with_other_body_conflicts,
+            jobs_without_key_are_independent,
+            concurrent_idempotent_inserts_store_one_job,
         );
     };
     ($($case:ident),+ $(,)?) => {
@@ -113,6 +143,8 @@ impl Fixture {
             id: JobId::new(),
             spec: JobSpec::parse(&body, 1).unwrap(),
             max_attempts: 2,
+            idempotency_key: None,
+            request_hash: None,
         };
         self.store.insert_job(&job).await.unwrap();
         // Distinct creation times keep the claim order obvious in failures.
@@ -120,11 +152,13 @@ impl Fixture {
         job.id
     }
 
-    /// Claims `id` for w1, lets its lease expire and lets w2 claim it again.
+    /// Claims `id` for w1, lets its lease expire and lets w2 claim it again after the retry
+    /// backoff.
     async fn hand_job_to_second_worker(&self, id: &JobId) {
         self.store.claim_job("w1", LEASE).await.unwrap().unwrap();
         self.clock.advance(TimeDelta::seconds(31));
         self.store.rescue_expired_jobs().await.unwrap();
+        self.clock.advance(RETRY_BACKOFF_PASSED);
         let reclaimed = self.store.claim_job("w2", LEASE).await.unwrap().unwrap();
         assert_eq!(&reclaimed.id, id);
     }
@@ -235,6 +269,7 @@ pub async fn worker_that_lost_job_cannot_complete_it(f: &Fixture) {
 
     f.clock.advance(TimeDelta::seconds(31));
     let rescued = f.store.rescue_expired_jobs().await.unwrap();
+    f.clock.advance(RETRY_BACKOFF_PASSED);
     let reclaimed = f.store.claim_job("w2", LEASE).await.unwrap().unwrap();
     let err = f
         .store
@@ -258,12 +293,13 @@ pub async fn rescue_fails_job_out_of_attempts(f: &Fixture) {
         f.store.claim_job(worker, LEASE).await.unwrap().unwrap();
         f.clock.advance(TimeDelta::seconds(31));
         f.store.rescue_expired_jobs().await.unwrap();
+        f.clock.advance(RETRY_BACKOFF_PASSED);
     }
 
     let job = f.store.get_job(&id).await.unwrap();
 
     assert_eq!(job.status, JobStatus::Failed);
-    assert_eq!(job.error.unwrap().code, "lease_expired");
+    assert_eq!(job.error.unwrap().code, "worker_lost");
     assert!(job.finished_at.is_some());
 }
 
@@ -778,6 +814,8 @@ pub async fn job_with_unknown_file_is_conflict(f: &Fixture) {
         id: JobId::new(),
         spec: JobSpec::parse(&body, 1).unwrap(),
         max_attempts: 2,
+        idempotency_key: None,
+        request_hash: None,
     };
 
     let err = f.store.insert_job(&job).await.unwrap_err();
