@@ -3,7 +3,7 @@
 
 use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::QueryRejection;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -11,6 +11,10 @@ use studio_core::{InvalidId, SpecError};
 use studio_store::{CatalogError, StoreError};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The `Retry-After` of a 503, in seconds, which the `openai` Python SDK waits before it retries.
+// NOTE: a guess at how long a Postgres restart takes, not a measurement.
+pub const RETRY_AFTER_SECONDS: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -33,7 +37,8 @@ pub enum ApiError {
     /// 413: the request body is larger than the route accepts.
     #[error("{0}")]
     PayloadTooLarge(String),
-    #[error("the service is temporarily unavailable")]
+    /// 503 with `Retry-After`: the database cannot be reached, for example while it restarts.
+    #[error("the service is temporarily unavailable because its database cannot be reached; retry after {RETRY_AFTER_SECONDS} seconds")]
     Unavailable(#[source] BoxError),
     #[error("internal server error")]
     Internal(#[source] BoxError),
@@ -95,6 +100,11 @@ impl IntoResponse for ApiError {
         };
         let body = json!({"error": {"message": self.to_string(), "type": error_type, "param": param, "code": code}});
         let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
         if status.is_server_error() {
             response
                 .extensions_mut()

@@ -1,15 +1,21 @@
-//! `/v1/fine_tuning/jobs`: create, list, get and cancel fine-tuning jobs.
+//! `/v1/fine_tuning/jobs`: create, list, get, cancel, pause and resume fine-tuning jobs.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use studio_core::{FileId, JobId, JobSpec};
-use studio_store::{CancelOutcome, EventLevel, JobRecord, NewEvent, NewJob, PageRequest, Services};
+use studio_store::{
+    CancelOutcome, EventLevel, JobRecord, NewEvent, NewJob, PageRequest, PauseOutcome, Services,
+    StoreError,
+};
 
 use crate::error::{parse_path_id, ApiError};
 use crate::extract::{IdPath, RawBody};
+use crate::idempotency::{idempotency_key, request_hash, IDEMPOTENT_REPLAYED};
 use crate::pagination::{list_object, ListQuery};
 
 /// How often a job may be claimed before an expired lease fails it.
@@ -22,6 +28,8 @@ pub fn router() -> Router<Services> {
         .route("/v1/fine_tuning/jobs", get(list_jobs).post(create_job))
         .route("/v1/fine_tuning/jobs/{job_id}", get(get_job))
         .route("/v1/fine_tuning/jobs/{job_id}/cancel", post(cancel_job))
+        .route("/v1/fine_tuning/jobs/{job_id}/pause", post(pause_job))
+        .route("/v1/fine_tuning/jobs/{job_id}/resume", post(resume_job))
 }
 
 /// Loads the job named in a path, or a 404.
@@ -57,11 +65,16 @@ pub fn job_object(job: &JobRecord) -> Value {
     })
 }
 
+/// Creates a job. With an `Idempotency-Key` that created a job before, it returns that job
+/// (with `Idempotent-Replayed: true`) when the body is the same, and a 400 when it differs.
 async fn create_job(
     State(services): State<Services>,
+    headers: HeaderMap,
     RawBody(body): RawBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
     let body = parse_json_body(&body)?;
+    let hash = key.as_ref().map(|_| request_hash(&body));
     let spec = JobSpec::parse(&body, random_seed())?;
 
     services.models.resolve(&spec.model)?;
@@ -70,14 +83,22 @@ async fn create_job(
         check_file(&services, validation_file, "validation_file").await?;
     }
 
-    let job = services
-        .store
-        .insert_job(&NewJob {
-            id: JobId::new(),
-            spec,
-            max_attempts: MAX_ATTEMPTS,
-        })
-        .await?;
+    let new_job = NewJob {
+        id: JobId::new(),
+        spec,
+        max_attempts: MAX_ATTEMPTS,
+        idempotency_key: key,
+        request_hash: hash,
+    };
+    let job = services.store.insert_job(&new_job).await?;
+    if job.id != new_job.id {
+        tracing::info!(job_id = %job.id, "fine-tuning job create replayed for its Idempotency-Key");
+        let mut response = Json(job_object(&job)).into_response();
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        return Ok(response);
+    }
     let message = format!(
         "Created fine-tuning job {}; training file {} has {} examples in the {} format",
         job.id,
@@ -90,7 +111,7 @@ async fn create_job(
         .insert_event(&NewEvent::message(&job.id, EventLevel::Info, message))
         .await?;
     tracing::info!(job_id = %job.id, model = %job.spec.model, "fine-tuning job queued");
-    Ok(Json(job_object(&job)))
+    Ok(Json(job_object(&job)).into_response())
 }
 
 pub fn parse_json_body(body: &[u8]) -> Result<Value, ApiError> {
@@ -205,4 +226,48 @@ fn finished_phrase(status: studio_core::JobStatus) -> String {
         studio_core::JobStatus::Cancelled => "was cancelled".into(),
         other => format!("is {other}"),
     }
+}
+
+async fn pause_job(
+    State(services): State<Services>,
+    IdPath(job_id): IdPath,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_path_id(&job_id, JobId::parse)?;
+    let job = match services.store.request_pause(&id).await {
+        Ok(PauseOutcome::Paused(job)) => {
+            let message = "Fine-tuning job paused before it started; resume it to queue it again";
+            services.store.insert_event(&NewEvent::message(&job.id, EventLevel::Info, message)).await?;
+            job
+        }
+        Ok(PauseOutcome::Requested(job)) => {
+            let message = "Pause requested; the worker writes a checkpoint and pauses the job after the current step";
+            services.store.insert_event(&NewEvent::message(&job.id, EventLevel::Info, message)).await?;
+            job
+        }
+        Ok(PauseOutcome::AlreadyPaused(job)) => job,
+        Err(StoreError::Conflict(message)) => {
+            return Err(ApiError::invalid(message, None, "job_not_pausable"))
+        }
+        Err(err) => return Err(err.into()),
+    };
+    tracing::info!(job_id = %job.id, status = %job.status, "fine-tuning job pause requested");
+    Ok(Json(job_object(&job)))
+}
+
+async fn resume_job(
+    State(services): State<Services>,
+    IdPath(job_id): IdPath,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_path_id(&job_id, JobId::parse)?;
+    let job = match services.store.resume_job(&id).await {
+        Ok(job) => job,
+        Err(StoreError::Conflict(message)) => {
+            return Err(ApiError::invalid(message, None, "job_not_paused"))
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let message = "Fine-tuning job resumed; it waits in the queue and continues from its latest checkpoint";
+    services.store.insert_event(&NewEvent::message(&job.id, EventLevel::Info, message)).await?;
+    tracing::info!(job_id = %job.id, "fine-tuning job resumed");
+    Ok(Json(job_object(&job)))
 }

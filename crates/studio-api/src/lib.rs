@@ -10,6 +10,7 @@ mod events;
 mod extract;
 mod files;
 mod health;
+mod idempotency;
 mod jobs;
 mod merge;
 mod metrics;

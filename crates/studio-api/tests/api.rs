@@ -11,6 +11,9 @@ use studio_core::JobId;
 use studio_store::{ArtifactStore, ModelCatalog, PgStore, Services, SystemClock};
 use tower::ServiceExt;
 
+#[path = "api/queue_controls.rs"]
+mod queue_controls;
+
 const CHAT_LINE: &str =
     r#"{"messages":[{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello!"}]}"#;
 
