@@ -10,7 +10,7 @@ use studio_core::dataset::parse_dataset;
 use studio_core::JobSpec;
 use studio_store::keys::file_key;
 use studio_store::Services;
-use studio_train::{EventLevel, StepMetrics, TrainError, TrainObserver};
+use studio_train::{EventLevel, StepMetrics, StopRequest, TrainError, TrainObserver};
 use studio_worker::plan::{approach, train_settings};
 
 use crate::error::ApiError;
@@ -119,7 +119,7 @@ impl TrainObserver for WarningCollector {
         }
     }
 
-    fn should_cancel(&mut self) -> bool {
-        false
+    fn stop_request(&mut self) -> Option<StopRequest> {
+        None
     }
 }

@@ -9,7 +9,9 @@ mod attempts;
 mod catalog;
 mod clock;
 mod error;
+mod event_bus;
 pub mod keys;
+mod pg_listener;
 mod postgres;
 mod records;
 mod retry;
@@ -24,6 +26,7 @@ pub use artifacts::{ArtifactStore, ArtifactWriter};
 pub use catalog::{BaseModel, CatalogError, ModelCatalog, ModelFormat};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::StoreError;
+pub use event_bus::{EventNotice, EventSubscription};
 pub use postgres::{PgStore, POSTGRES_ACQUIRE_TIMEOUT};
 pub use sqlite::{sqlite_path, SqliteStore};
 pub use records::{

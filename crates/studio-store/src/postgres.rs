@@ -21,6 +21,8 @@ use crate::rows::{
     corrupt, idempotency_mismatch, into_page, job_id, not_pausable, not_resumable, status, to_i64,
     to_u64,
 };
+use crate::event_bus::EventSubscription;
+use crate::pg_listener::{PgEventListener, EVENTS_CHANNEL};
 use crate::{Clock, Store, StoreError};
 
 /// How long a query waits for a pool connection, including the attempts to open one, before it
@@ -47,11 +49,16 @@ pub(crate) async fn connect(database_url: &str) -> Result<PgPool, StoreError> {
 pub struct PgStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
+    events: PgEventListener,
 }
 
 impl PgStore {
     pub fn new(pool: PgPool, clock: Arc<dyn Clock>) -> Self {
-        Self { pool, clock }
+        Self {
+            events: PgEventListener::new(pool.clone()),
+            pool,
+            clock,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -121,6 +128,10 @@ const ENDING_ATTEMPT_COLUMNS: &str =
 const EVENT_COLUMNS: &str = "id, job_id, created_at, level, type, message, data";
 
 const CHECKPOINT_COLUMNS: &str = "id, job_id, created_at, step, metrics, artifact_key";
+
+/// The first key of the `pg_advisory_xact_lock(class, hashtext(job_id))` that orders a job's
+/// event inserts. It is ASCII "EVNT" and keeps those locks apart from other advisory locks.
+const EVENT_LOCK_CLASS: i32 = 0x4556_4E54;
 
 #[async_trait]
 impl Store for PgStore {
@@ -569,6 +580,17 @@ impl Store for PgStore {
     }
 
     async fn insert_event(&self, event: &NewEvent) -> Result<EventRecord, StoreError> {
+        // Safe under concurrency: the per-job advisory lock is taken before the INSERT draws its
+        // `seq` and is held until commit, so a job's events commit in `seq` order. A reader that
+        // continues after the last `seq` it read therefore never skips a lower one that commits
+        // later. Postgres delivers the notification at commit, so a woken reader finds the row.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2)), pg_notify($3, $2)")
+            .bind(EVENT_LOCK_CLASS)
+            .bind(event.job_id.as_str())
+            .bind(EVENTS_CHANNEL)
+            .execute(&mut *tx)
+            .await?;
         let sql = format!(
             "INSERT INTO job_events (id, job_id, created_at, level, type, message, data)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -582,8 +604,9 @@ impl Store for PgStore {
             .bind(event.event_type.as_str())
             .bind(&event.message)
             .bind(event.data.as_ref().map(Json))
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await?;
+        tx.commit().await?;
         event_from_row(&row)
     }
 
@@ -605,6 +628,63 @@ impl Store for PgStore {
             .fetch_all(&self.pool)
             .await?;
         into_page(rows, page.limit, event_from_row)
+    }
+
+    async fn list_events_since(
+        &self,
+        job_id: &JobId,
+        after: Option<&EventId>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = match after {
+            None => {
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = $1 ORDER BY seq LIMIT $2"
+                );
+                sqlx::query(&sql)
+                    .bind(job_id.as_str())
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Some(after) => {
+                // An unknown `after` makes the subquery NULL and the result empty, so only an
+                // empty result needs the lookup below to tell the two apart.
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM job_events
+                     WHERE job_id = $1
+                       AND seq > (SELECT seq FROM job_events WHERE id = $2 AND job_id = $1)
+                     ORDER BY seq LIMIT $3"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(job_id.as_str())
+                    .bind(after.as_str())
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                if rows.is_empty() {
+                    let known: Option<i64> = sqlx::query_scalar(
+                        "SELECT seq FROM job_events WHERE id = $1 AND job_id = $2",
+                    )
+                    .bind(after.as_str())
+                    .bind(job_id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    if known.is_none() {
+                        return Err(StoreError::not_found(
+                            "event",
+                            format!("{after} of fine-tuning job {job_id}"),
+                        ));
+                    }
+                }
+                rows
+            }
+        };
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn subscribe_events(&self) -> Result<EventSubscription, StoreError> {
+        self.events.subscribe().await
     }
 
     async fn insert_metrics(

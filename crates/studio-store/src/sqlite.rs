@@ -30,6 +30,7 @@ use crate::rows::{
     corrupt, idempotency_mismatch, into_page, job_id, not_pausable, not_resumable, status, to_i64,
     to_u64,
 };
+use crate::event_bus::{EventBus, EventNotice, EventSubscription};
 use crate::{Clock, Store, StoreError};
 
 /// How long a statement waits for another connection's write lock before it fails with
@@ -78,12 +79,20 @@ pub(crate) async fn connect(path: &Path) -> Result<SqlitePool, StoreError> {
 pub struct SqliteStore {
     pool: SqlitePool,
     clock: Arc<dyn Clock>,
+    /// Wakes event readers of this process, such as the API of `smart-studio up`.
+    // NOTE: SQLite has no cross-process notifications, so an insert by a worker in another
+    // process wakes no reader here; readers also re-read on a timer to see those events.
+    events: EventBus,
 }
 
 impl SqliteStore {
     /// Wraps a pool whose connections enforce foreign keys; [`SqliteStore::open`] makes one.
     pub fn new(pool: SqlitePool, clock: Arc<dyn Clock>) -> Self {
-        Self { pool, clock }
+        Self {
+            pool,
+            clock,
+            events: EventBus::new(),
+        }
     }
 
     /// Opens (and creates when missing) the database file `path` without migrating it.
@@ -618,6 +627,8 @@ impl Store for SqliteStore {
             .bind(event.data.as_ref().map(Json))
             .fetch_one(&self.pool)
             .await?;
+        // The statement has committed, so a woken reader finds the row.
+        self.events.publish(EventNotice::Inserted(event.job_id.clone()));
         event_from_row(&row)
     }
 
@@ -639,6 +650,65 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         into_page(rows, page.limit, event_from_row)
+    }
+
+    async fn list_events_since(
+        &self,
+        job_id: &JobId,
+        after: Option<&EventId>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        // Each insert draws its `seq` and commits under the database's one write lock, so a
+        // job's events become visible in `seq` order.
+        let rows = match after {
+            None => {
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ?1 ORDER BY seq LIMIT ?2"
+                );
+                sqlx::query(&sql)
+                    .bind(job_id.as_str())
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Some(after) => {
+                // An unknown `after` makes the subquery NULL and the result empty, so only an
+                // empty result needs the lookup below to tell the two apart.
+                let sql = format!(
+                    "SELECT {EVENT_COLUMNS} FROM job_events
+                     WHERE job_id = ?1
+                       AND seq > (SELECT seq FROM job_events WHERE id = ?2 AND job_id = ?1)
+                     ORDER BY seq LIMIT ?3"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(job_id.as_str())
+                    .bind(after.as_str())
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                if rows.is_empty() {
+                    let known: Option<i64> = sqlx::query_scalar(
+                        "SELECT seq FROM job_events WHERE id = ?1 AND job_id = ?2",
+                    )
+                    .bind(after.as_str())
+                    .bind(job_id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    if known.is_none() {
+                        return Err(StoreError::not_found(
+                            "event",
+                            format!("{after} of fine-tuning job {job_id}"),
+                        ));
+                    }
+                }
+                rows
+            }
+        };
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn subscribe_events(&self) -> Result<EventSubscription, StoreError> {
+        Ok(self.events.subscribe())
     }
 
     async fn insert_metrics(

@@ -1,13 +1,14 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use studio_core::{CheckpointId, FileId, JobId};
+use studio_core::{CheckpointId, EventId, FileId, JobId};
 
 use crate::records::{
     CancelOutcome, CheckpointRecord, EventRecord, FileRecord, Heartbeat, JobError, JobRecord,
     MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest, PauseOutcome,
     RescuedJob,
 };
+use crate::event_bus::EventSubscription;
 use crate::StoreError;
 
 /// Persistence and the job queue. Backends (Postgres and SQLite) implement the same
@@ -103,6 +104,20 @@ pub trait Store: Send + Sync {
         job_id: &JobId,
         page: &PageRequest,
     ) -> Result<Page<EventRecord>, StoreError>;
+    /// Lists at most `limit` events of `job_id` inserted after the event `after` (from the
+    /// first when `None`), oldest first. An `after` that is not an event of this job is
+    /// [`StoreError::NotFound`]. Each job's events become visible in insertion order, so a
+    /// reader that passes the last event it read never skips one.
+    async fn list_events_since(
+        &self,
+        job_id: &JobId,
+        after: Option<&EventId>,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError>;
+    /// Subscribes to wake-ups sent after each `insert_event` commits. Once this returns, every
+    /// later insert wakes the subscription: on Postgres through `LISTEN`/`NOTIFY`, so inserts by
+    /// other processes count too, and on SQLite only inserts through this store instance.
+    async fn subscribe_events(&self) -> Result<EventSubscription, StoreError>;
 
     /// Writes metric rows of a job the worker owns; a step written before is overwritten, so
     /// a resumed run may repeat steps. Returns the number of rows written.

@@ -28,7 +28,7 @@ pub mod tokenizer;
 pub use error::TrainError;
 pub use run::{
     evaluate, run_sft, Approach, ArtifactKind, CheckpointInfo, EventLevel, LoraSettings, RunOutcome,
-    SftJob, StepMetrics, TrainObserver, TrainSettings, TrainSummary, FULL_LEARNING_RATE_RANGE,
+    SftJob, StepMetrics, StopRequest, TrainObserver, TrainSettings, TrainSummary, FULL_LEARNING_RATE_RANGE,
     MAX_CONSECUTIVE_SKIPPED_STEPS,
 };
 pub use schedule::DecayKind;

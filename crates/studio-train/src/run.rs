@@ -163,12 +163,23 @@ pub struct CheckpointInfo {
     pub metrics: StepMetrics,
 }
 
+/// A request from the observer to stop a run between steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopRequest {
+    /// Stop at once and write nothing more: the run is abandoned, as on a cancel.
+    Abandon,
+    /// Write a checkpoint of the steps done so far unless one exists, then stop, so that a
+    /// later run resumes there, as on a pause or a worker shutdown.
+    Suspend,
+}
+
 /// Receives progress from a run. Called on the training thread, so keep each call cheap.
 pub trait TrainObserver {
     fn on_step(&mut self, metrics: &StepMetrics);
     fn on_event(&mut self, level: EventLevel, message: &str);
-    /// Checked between steps; `true` stops the run without writing an artifact.
-    fn should_cancel(&mut self) -> bool;
+    /// Checked before the first step and after each step; a request stops the run without
+    /// writing its artifacts.
+    fn stop_request(&mut self) -> Option<StopRequest>;
     /// Called after a checkpoint folder is complete.
     fn on_checkpoint(&mut self, _checkpoint: &CheckpointInfo) {}
 }
@@ -205,7 +216,10 @@ pub struct TrainSummary {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RunOutcome {
     Succeeded(TrainSummary),
-    Cancelled { steps: u64 },
+    /// Stopped early on the observer's request after `steps` steps. A `Suspend` wrote a
+    /// checkpoint of the last step (unless there was no step or the job has no checkpoint
+    /// folder) and handed it to [`TrainObserver::on_checkpoint`].
+    Stopped { steps: u64, request: StopRequest },
 }
 
 /// A run fails after this many non-finite steps in a row.
@@ -293,16 +307,17 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
     }
 
     let pad = loaded.special.pad;
+    // Stopping here needs no checkpoint: no step ran since the start or the resumed one.
+    if let Some(request) = observer.stop_request() {
+        observer.on_event(EventLevel::Info, &format!("Stopped before step {}", progress.step + 1));
+        return Ok(RunOutcome::Stopped { steps: progress.step, request });
+    }
     while progress.epoch < settings.n_epochs {
         if progress.position == 0 {
             progress.order = (0..train.len()).collect();
             rng.shuffle(&mut progress.order);
         }
         while progress.position < progress.order.len() {
-            if observer.should_cancel() {
-                observer.on_event(EventLevel::Info, &format!("Cancelled before step {}", progress.step + 1));
-                return Ok(RunOutcome::Cancelled { steps: progress.step });
-            }
             let started = Instant::now();
             let end = (progress.position + examples_per_step).min(progress.order.len());
             let rows: Vec<&EncodedExample> = progress.order[progress.position..end].iter().map(|&i| &train[i]).collect();
@@ -361,10 +376,18 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
                 progress.epoch += 1;
                 progress.position = 0;
             }
-            if let (Some(dir), true) = (job.checkpoint_dir, checkpoint_steps.contains(&step)) {
+            // Checked after the epoch bookkeeping above, so a checkpoint written here resumes
+            // exactly like a planned one.
+            let stop = observer.stop_request();
+            let suspend = stop == Some(StopRequest::Suspend) && !checkpoint_steps.contains(&step);
+            if let (Some(dir), true) = (job.checkpoint_dir, checkpoint_steps.contains(&step) || suspend) {
                 let state = progress.state(&rng, schedule, &vars, &job.approach, optimizer.step_count());
                 let path = write_checkpoint(dir, job, &model, &vars, &optimizer, &state)?;
                 observer.on_checkpoint(&CheckpointInfo { step, dir: path, metrics: metrics.clone() });
+            }
+            if let Some(request) = stop {
+                observer.on_event(EventLevel::Info, &format!("Stopped after step {step}"));
+                return Ok(RunOutcome::Stopped { steps: step, request });
             }
             if epoch_done {
                 break;

@@ -222,15 +222,15 @@ mod run_tests {
     use studio_core::dataset::{Conversation, Message, Role};
 
     use super::write_tiny_model_folder;
-    use crate::{run_sft, Approach, ArtifactKind, CheckpointInfo, EventLevel, LoraSettings, RunOutcome, SftJob, StepMetrics, TrainObserver, TrainSettings};
+    use crate::{run_sft, Approach, ArtifactKind, CheckpointInfo, EventLevel, LoraSettings, RunOutcome, SftJob, StepMetrics, StopRequest, TrainObserver, TrainSettings};
 
     #[derive(Default)]
     struct Recorder {
         steps: Vec<StepMetrics>,
         checkpoints: Vec<CheckpointInfo>,
         events: Vec<String>,
-        /// Stop the run once this many steps are done.
-        stop_after: Option<u64>,
+        /// Stop the run this way once this many steps are done.
+        stop_after: Option<(u64, StopRequest)>,
     }
 
     impl TrainObserver for Recorder {
@@ -240,8 +240,8 @@ mod run_tests {
         fn on_event(&mut self, _level: EventLevel, message: &str) {
             self.events.push(message.to_string());
         }
-        fn should_cancel(&mut self) -> bool {
-            self.stop_after.is_some_and(|n| self.steps.len() as u64 >= n)
+        fn stop_request(&mut self) -> Option<StopRequest> {
+            self.stop_after.filter(|&(n, _)| self.steps.len() as u64 >= n).map(|(_, request)| request)
         }
         fn on_checkpoint(&mut self, checkpoint: &CheckpointInfo) {
             self.checkpoints.push(checkpoint.clone());
@@ -280,7 +280,7 @@ mod run_tests {
         outcome: RunOutcome,
     }
 
-    fn run(model: &Path, out: &Path, approach: Approach, settings: TrainSettings, resume: Option<&Path>, stop_after: Option<u64>) -> Run {
+    fn run(model: &Path, out: &Path, approach: Approach, settings: TrainSettings, resume: Option<&Path>, stop_after: Option<(u64, StopRequest)>) -> Run {
         let examples = conversations(12);
         let job = SftJob {
             model_path: model,
@@ -324,18 +324,24 @@ mod run_tests {
         let root = tempfile::tempdir().unwrap();
         let model = root.path().join("tiny");
         write_tiny_model_folder(&model, "mistral", 1).unwrap();
-        for (approach, file) in [(lora_with_dropout(), "adapter_model.safetensors"), (Approach::Full, "model.safetensors")] {
-            let kind = if file == "model.safetensors" { ArtifactKind::Model } else { ArtifactKind::Adapter };
-            let settings = TrainSettings { checkpoint_interval: 2, ..settings() };
+        // 3 steps an epoch: an abandoned run resumes from its planned checkpoint; a suspended
+        // one from the checkpoint it writes on stopping, at an epoch's end or in its middle.
+        let cuts = [(3, StopRequest::Abandon, 2, 2), (3, StopRequest::Suspend, 0, 3), (4, StopRequest::Suspend, 0, 4)];
+        let approaches = [(lora_with_dropout(), "adapter_model.safetensors"), (Approach::Full, "model.safetensors")];
+        for ((approach, file), (stop_after, request, checkpoint_interval, resume_step)) in approaches.iter().flat_map(|a| cuts.iter().map(move |c| (a, *c))) {
+            let kind = if *file == "model.safetensors" { ArtifactKind::Model } else { ArtifactKind::Adapter };
+            let settings = TrainSettings { checkpoint_interval, ..settings() };
+            let name = format!("{kind:?}-{request:?}-{stop_after}");
 
-            let whole = run(&model, &root.path().join("whole"), approach.clone(), settings.clone(), None, None);
-            let cut = run(&model, &root.path().join("cut"), approach.clone(), settings.clone(), None, Some(3));
-            assert!(matches!(cut.outcome, RunOutcome::Cancelled { steps: 3 }), "{:?}", cut.outcome);
+            let whole = run(&model, &root.path().join(format!("{name}-whole")), approach.clone(), settings.clone(), None, None);
+            let cut_dir = root.path().join(format!("{name}-cut"));
+            let cut = run(&model, &cut_dir, approach.clone(), settings.clone(), None, Some((stop_after, request)));
+            assert_eq!(cut.outcome, RunOutcome::Stopped { steps: stop_after, request }, "{name}");
             let checkpoint = &cut.recorder.checkpoints.last().expect("a checkpoint before the cut").dir;
-            assert!(checkpoint.ends_with("step-2"), "{}", checkpoint.display());
+            assert!(checkpoint.ends_with(format!("step-{resume_step}")), "{name}: {}", checkpoint.display());
 
-            let resumed = run(&model, &root.path().join("cut"), approach.clone(), settings.clone(), Some(checkpoint), None);
-            let tail = &whole.recorder.steps[2..];
+            let resumed = run(&model, &cut_dir, approach.clone(), settings.clone(), Some(checkpoint), None);
+            let tail = &whole.recorder.steps[resume_step as usize..];
             assert_eq!(resumed.recorder.steps.len(), tail.len(), "steps after the checkpoint");
             for (a, b) in tail.iter().zip(&resumed.recorder.steps) {
                 assert_eq!(a.step, b.step);

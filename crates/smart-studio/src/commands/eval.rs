@@ -8,7 +8,7 @@ use candle_core::Device;
 use studio_train::data::encode_examples;
 use studio_train::loader::load_model;
 use studio_train::model::Llama;
-use studio_train::{evaluate, lora, EventLevel, StepMetrics, TrainObserver};
+use studio_train::{evaluate, lora, EventLevel, StepMetrics, StopRequest, TrainObserver};
 
 use crate::cli::EvalArgs;
 use crate::commands::train::{read_dataset, resolve_model};
@@ -52,7 +52,7 @@ impl TrainObserver for PrintEvents {
         eprintln!("{message}");
     }
 
-    fn should_cancel(&mut self) -> bool {
-        false
+    fn stop_request(&mut self) -> Option<StopRequest> {
+        None
     }
 }

@@ -15,7 +15,7 @@ use studio_core::dataset::{parse_dataset, Conversation};
 use studio_core::JobSpec;
 use studio_store::ModelCatalog;
 use studio_train::{
-    run_sft, CheckpointInfo, EventLevel, RunOutcome, SftJob, StepMetrics, TrainObserver,
+    run_sft, CheckpointInfo, EventLevel, RunOutcome, SftJob, StepMetrics, StopRequest, TrainObserver,
 };
 use studio_worker::plan;
 
@@ -72,7 +72,7 @@ fn train(models_dir: &Path, args: &TrainArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        RunOutcome::Cancelled { steps } => bail!("the run stopped after {steps} steps"),
+        RunOutcome::Stopped { steps, .. } => bail!("the run stopped after {steps} steps"),
     }
 }
 
@@ -234,8 +234,8 @@ impl TrainObserver for ProgressObserver {
         self.print(format!("{prefix}{message}"));
     }
 
-    fn should_cancel(&mut self) -> bool {
-        false
+    fn stop_request(&mut self) -> Option<StopRequest> {
+        None
     }
 
     fn on_checkpoint(&mut self, checkpoint: &CheckpointInfo) {

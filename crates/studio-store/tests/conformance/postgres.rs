@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
-use studio_store::{PgStore, MIGRATOR};
+use studio_store::{EventLevel, EventNotice, NewEvent, PgStore, Store, MIGRATOR};
+use tokio::time::timeout;
 
-use crate::suite::{fixture, start_clock, Fixture, LEASE};
+use crate::suite::{fixture, start_clock, Fixture, LEASE, WAKE_TIMEOUT};
 
 pub struct Backend {
     pub fixture: Fixture,
@@ -104,6 +105,63 @@ async fn database_rejects_terminal_state_without_finish_time() {
         .await;
 
     assert!(result.is_err());
+    backend.close().await;
+}
+
+#[tokio::test]
+async fn notify_wakes_store_on_another_pool() {
+    let Some(backend) = Backend::open().await else {
+        return;
+    };
+    let f = &backend.fixture;
+    let id = f.queue_job().await;
+    // A second pool and store stand for a worker in another process.
+    let writer_pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(backend.pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let writer = PgStore::new(writer_pool.clone(), f.clock.clone());
+    let mut subscription = f.store.subscribe_events().await.unwrap();
+
+    writer
+        .insert_event(&NewEvent::message(&id, EventLevel::Info, "from elsewhere"))
+        .await
+        .unwrap();
+    let notice = timeout(WAKE_TIMEOUT, subscription.recv()).await;
+
+    assert_eq!(notice, Ok(Some(EventNotice::Inserted(id))));
+    writer_pool.close().await;
+    backend.close().await;
+}
+
+#[tokio::test]
+async fn listener_reconnects_after_connection_is_killed() {
+    let Some(backend) = Backend::open().await else {
+        return;
+    };
+    let f = &backend.fixture;
+    let id = f.queue_job().await;
+    let mut subscription = f.store.subscribe_events().await.unwrap();
+
+    // The server ends the listening session, as a restart would.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&backend.pool)
+    .await
+    .unwrap();
+    let missed = timeout(WAKE_TIMEOUT, subscription.recv()).await;
+    f.store
+        .insert_event(&NewEvent::message(&id, EventLevel::Info, "after the restart"))
+        .await
+        .unwrap();
+    let inserted = timeout(WAKE_TIMEOUT, subscription.recv()).await;
+
+    assert_eq!(killed, [true], "exactly one listening session was expected");
+    assert_eq!(missed, Ok(Some(EventNotice::Missed)));
+    assert_eq!(inserted, Ok(Some(EventNotice::Inserted(id))));
     backend.close().await;
 }
 

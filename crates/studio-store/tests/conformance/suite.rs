@@ -7,11 +7,12 @@ use std::time::Duration;
 use chrono::{TimeDelta, TimeZone, Utc};
 use serde_json::json;
 use studio_core::dataset::DatasetFormat;
-use studio_core::{CheckpointId, FileId, JobId, JobSpec, JobStatus};
+use studio_core::{CheckpointId, EventId, FileId, JobId, JobSpec, JobStatus};
 use studio_store::{
-    CancelOutcome, Clock, EventLevel, JobError, ManualClock, MetricPoint, NewCheckpoint, NewEvent,
-    NewFile, NewJob, PageRequest, Store, StoreError,
+    CancelOutcome, Clock, EventLevel, EventNotice, EventRecord, JobError, ManualClock, MetricPoint,
+    NewCheckpoint, NewEvent, NewFile, NewJob, PageRequest, Store, StoreError,
 };
+use tokio::time::timeout;
 
 pub use crate::queue::*;
 
@@ -19,6 +20,9 @@ pub const LEASE: Duration = Duration::from_secs(30);
 
 /// Longer than any retry backoff, so a requeued job is claimable after the clock moves by it.
 pub const RETRY_BACKOFF_PASSED: TimeDelta = TimeDelta::seconds(601);
+
+/// How long a case waits for an event notification before it fails.
+pub const WAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Generates one test per case in the calling module. That module defines `Backend`, with
 /// `async fn open() -> Option<Backend>` (`None` when the backend is not configured), a
@@ -53,6 +57,10 @@ macro_rules! conformance_cases {
             page_after_id_with_nul_is_not_found,
             events_page_newest_first,
             event_keeps_level_type_and_data,
+            events_since_list_oldest_first,
+            events_since_unknown_or_foreign_id_is_not_found,
+            concurrent_event_inserts_leave_no_gaps,
+            event_insert_wakes_subscriber,
             metrics_list_by_step_and_overwrite,
             metrics_of_lost_job_are_rejected,
             metrics_keep_token_accuracy,
@@ -476,6 +484,144 @@ pub async fn events_page_newest_first(f: &Fixture) {
     assert!(first.has_more);
     assert_eq!(messages(&second), ["event 1", "event 0"]);
     assert!(!second.has_more);
+}
+
+/// Inserts `count` message events `{prefix} 0`, `{prefix} 1`, … for `job_id`.
+async fn insert_messages(f: &Fixture, job_id: &JobId, prefix: &str, count: usize) -> Vec<EventId> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let message = format!("{prefix} {n}");
+        let event = NewEvent::message(job_id, EventLevel::Info, message);
+        ids.push(f.store.insert_event(&event).await.unwrap().id);
+    }
+    ids
+}
+
+fn event_messages(events: &[EventRecord]) -> Vec<&str> {
+    events.iter().map(|event| event.message.as_str()).collect()
+}
+
+pub async fn events_since_list_oldest_first(f: &Fixture) {
+    let id = f.queue_job().await;
+    let other = f.queue_job().await;
+    let mut ids = insert_messages(f, &id, "event", 3).await;
+    insert_messages(f, &other, "other", 2).await;
+    ids.extend(insert_messages(f, &id, "later", 2).await);
+
+    let all = f.store.list_events_since(&id, None, 100).await.unwrap();
+    let first_two = f.store.list_events_since(&id, None, 2).await.unwrap();
+    let after_second = f
+        .store
+        .list_events_since(&id, Some(&ids[1]), 2)
+        .await
+        .unwrap();
+    let after_last = f
+        .store
+        .list_events_since(&id, Some(&ids[4]), 100)
+        .await
+        .unwrap();
+
+    assert_eq!(
+        event_messages(&all),
+        ["event 0", "event 1", "event 2", "later 0", "later 1"]
+    );
+    assert_eq!(all.iter().map(|e| &e.id).collect::<Vec<_>>(), ids.iter().collect::<Vec<_>>());
+    assert_eq!(event_messages(&first_two), ["event 0", "event 1"]);
+    assert_eq!(event_messages(&after_second), ["event 2", "later 0"]);
+    assert!(after_last.is_empty(), "{after_last:?}");
+}
+
+pub async fn events_since_unknown_or_foreign_id_is_not_found(f: &Fixture) {
+    let id = f.queue_job().await;
+    let other = f.queue_job().await;
+    insert_messages(f, &id, "event", 1).await;
+    let foreign = insert_messages(f, &other, "other", 1).await;
+
+    let unknown = f
+        .store
+        .list_events_since(&id, Some(&EventId::new()), 10)
+        .await
+        .unwrap_err();
+    let of_other_job = f
+        .store
+        .list_events_since(&id, Some(&foreign[0]), 10)
+        .await
+        .unwrap_err();
+
+    assert!(matches!(unknown, StoreError::NotFound { .. }), "{unknown:?}");
+    assert!(
+        matches!(of_other_job, StoreError::NotFound { .. }),
+        "{of_other_job:?}"
+    );
+}
+
+/// A reader that continues after the last event it read gets every event exactly once, even
+/// while concurrent writers insert: events must become visible in the order of their `seq`.
+pub async fn concurrent_event_inserts_leave_no_gaps(f: &Fixture) {
+    const WRITERS: usize = 8;
+    const EVENTS_PER_WRITER: usize = 15;
+    let id = f.queue_job().await;
+
+    let mut writers = Vec::new();
+    for writer in 0..WRITERS {
+        let store = f.store.clone();
+        let id = id.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..EVENTS_PER_WRITER {
+                let event = NewEvent::message(&id, EventLevel::Info, format!("w{writer} {n}"));
+                store.insert_event(&event).await.unwrap();
+            }
+        }));
+    }
+    let mut read = Vec::new();
+    let mut last: Option<EventId> = None;
+    let mut writers_done = false;
+    loop {
+        let batch = f
+            .store
+            .list_events_since(&id, last.as_ref(), 4)
+            .await
+            .unwrap();
+        if let Some(event) = batch.last() {
+            last = Some(event.id.clone());
+        }
+        let caught_up = batch.is_empty();
+        read.extend(batch);
+        if caught_up && writers_done {
+            break;
+        }
+        if caught_up {
+            writers_done = writers.iter().all(|writer| writer.is_finished());
+            tokio::task::yield_now().await;
+        }
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let all = f.store.list_events_since(&id, None, 1000).await.unwrap();
+    let read_ids: Vec<&EventId> = read.iter().map(|event| &event.id).collect();
+    let all_ids: Vec<&EventId> = all.iter().map(|event| &event.id).collect();
+    assert_eq!(all.len(), WRITERS * EVENTS_PER_WRITER);
+    assert_eq!(read_ids, all_ids, "the reader skipped or repeated events");
+}
+
+pub async fn event_insert_wakes_subscriber(f: &Fixture) {
+    let id = f.queue_job().await;
+    let other = f.queue_job().await;
+    let mut subscription = f.store.subscribe_events().await.unwrap();
+
+    insert_messages(f, &other, "other", 1).await;
+    insert_messages(f, &id, "event", 1).await;
+    let first = timeout(WAKE_TIMEOUT, subscription.recv()).await;
+    let second = timeout(WAKE_TIMEOUT, subscription.recv()).await;
+    insert_messages(f, &other, "other", 1).await;
+    insert_messages(f, &id, "event", 1).await;
+    let woken = timeout(WAKE_TIMEOUT, subscription.wait_for_job(&id)).await;
+
+    assert_eq!(first, Ok(Some(EventNotice::Inserted(other.clone()))));
+    assert_eq!(second, Ok(Some(EventNotice::Inserted(id.clone()))));
+    assert_eq!(woken, Ok(true));
 }
 
 pub async fn metrics_list_by_step_and_overwrite(f: &Fixture) {
