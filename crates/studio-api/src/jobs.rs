@@ -75,6 +75,8 @@ async fn create_job(
     let key = idempotency_key(&headers)?;
     let body = parse_json_body(&body)?;
     let hash = key.as_ref().map(|_| request_hash(&body));
+    // NOTE: a repeat is validated again before the store finds the first job, so a repeat
+    // after its base model was removed from the models folder gets a 400, not that job.
     let spec = JobSpec::parse(&body, random_seed())?;
 
     services.models.resolve(&spec.model)?;
