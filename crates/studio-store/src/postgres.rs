@@ -342,8 +342,10 @@ impl Store for PgStore {
         worker_id: &str,
         lease: Duration,
     ) -> Result<Option<JobRecord>, StoreError> {
-        // Safe under concurrency: FOR UPDATE SKIP LOCKED makes a concurrent claimer skip the
-        // row this one locked instead of waiting for it. The outer UPDATE runs in the same
+        // Safe under concurrency: FOR NO KEY UPDATE SKIP LOCKED makes a concurrent claimer skip
+        // the row this one locked instead of waiting for it. NO KEY UPDATE does not conflict with
+        // the KEY SHARE lock that an event insert takes on the job through its foreign key, so
+        // the job is not skipped while one of its events is written. The outer UPDATE runs in the same
         // statement, so no other transaction can claim the row between the select and the update.
         let sql = format!(
             "WITH next AS (
@@ -352,7 +354,7 @@ impl Store for PgStore {
                    AND (run_after IS NULL OR run_after <= $3)
                  ORDER BY seq
                  LIMIT 1
-                 FOR UPDATE SKIP LOCKED
+                 FOR NO KEY UPDATE SKIP LOCKED
              )
              UPDATE jobs SET
                  status = 'running',
@@ -550,7 +552,7 @@ impl Store for PgStore {
     }
 
     async fn rescue_expired_jobs(&self) -> Result<Vec<RescuedJob>, StoreError> {
-        // Safe under concurrency: FOR UPDATE re-checks each row after a concurrent heartbeat
+        // Safe under concurrency: FOR NO KEY UPDATE re-checks each row after a concurrent heartbeat
         // commits, so a lease extended in the meantime is not rescued, and SKIP LOCKED leaves a
         // row that a heartbeat or another rescuer holds for the next round. The rows stay
         // locked until the commit, so each update applies to the state that was read.
@@ -560,7 +562,7 @@ impl Store for PgStore {
             "SELECT {ENDING_ATTEMPT_COLUMNS} FROM jobs
              WHERE status = 'running' AND lease_expires_at < $1
              ORDER BY seq
-             FOR UPDATE SKIP LOCKED"
+             FOR NO KEY UPDATE SKIP LOCKED"
         );
         let rows = sqlx::query(&sql).bind(now).fetch_all(&mut *tx).await?;
         let mut rescued = Vec::with_capacity(rows.len());
