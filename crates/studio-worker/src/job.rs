@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::plan::{approach, train_settings};
 use crate::progress::{write_progress, ChannelObserver, ProgressSink, StopFlags};
+use crate::retry::retry_unavailable;
 use crate::{Trainer, WorkerSettings};
 
 /// Everything a run needs, loaded before the trainer starts.
@@ -164,10 +165,11 @@ impl JobRun<'_> {
         &self,
         scratch: &Scratch,
     ) -> Result<Option<PathBuf>, JobError> {
+        let first = PageRequest::first(1);
         let latest = self
-            .services
-            .store
-            .list_checkpoints(&self.job.id, &PageRequest::first(1))
+            .retry("list_checkpoints", || {
+                self.services.store.list_checkpoints(&self.job.id, &first)
+            })
             .await
             .map_err(|err| {
                 internal_error(format!("cannot look up the job's checkpoints: {err}"))
@@ -212,6 +214,7 @@ impl JobRun<'_> {
             job_id: self.job.id.clone(),
             worker_id: self.settings.worker_id.clone(),
             flags: flags.clone(),
+            patience: self.settings.lease,
         };
         let writer = tokio::spawn(write_progress(sink, receiver));
         let observer = ChannelObserver { sender, flags };
@@ -235,7 +238,7 @@ impl JobRun<'_> {
                 trained_tokens: summary.trained_tokens,
                 artifacts: summary.artifacts,
             },
-            Ok(Ok(RunOutcome::Cancelled { .. })) => Ended::Stopped,
+            Ok(Ok(RunOutcome::Stopped { .. })) => Ended::Stopped,
             Ok(Err(err)) => Ended::Failed(train_error(&err)),
             Err(join_error) => Ended::Failed(internal_error(format!(
                 "the trainer stopped unexpectedly: {}",
@@ -244,6 +247,8 @@ impl JobRun<'_> {
         }
     }
 
+    /// Records the end of the run. Store calls are retried while the database is unavailable,
+    /// for as long as the lease would last, so an outage does not lose the result.
     async fn finish(&self, ended: Ended, flags: &StopFlags) -> Result<(), StoreError> {
         let id = &self.job.id;
         let worker_id = self.settings.worker_id.as_str();
@@ -261,7 +266,10 @@ impl JobRun<'_> {
                 // lease extended) just before: a worker whose lease ran out unnoticed must not
                 // overwrite the result of the worker that took the job over.
                 // NOTE: an upload that takes longer than the lease can still race a rescue.
-                match store.heartbeat(id, worker_id, self.settings.lease).await {
+                let confirmed = self
+                    .retry("heartbeat", || store.heartbeat(id, worker_id, self.settings.lease))
+                    .await;
+                match confirmed {
                     Err(StoreError::Conflict(message)) => {
                         tracing::warn!(%message, "the job was taken from this worker; its result is discarded");
                         return Ok(());
@@ -269,13 +277,18 @@ impl JobRun<'_> {
                     other => other.map(|_| ())?,
                 }
                 if let Err(err) = self.upload_results(&artifacts).await {
+                    // Storage that failed once may work on the next attempt, which resumes
+                    // from the latest checkpoint; the last attempt fails the job.
                     let error = internal_error(format!("failed to store the result: {err}"));
                     self.event(
                         EventLevel::Error,
-                        format!("Fine-tuning job failed: {}", error.message),
+                        format!("Storing the result failed; the job will be retried: {}", error.message),
                     )
                     .await;
-                    store.fail_job(id, worker_id, &error).await?;
+                    let job = self
+                        .retry("requeue_job", || store.requeue_job(id, worker_id, &error))
+                        .await?;
+                    tracing::warn!(status = %job.status, message = %error.message, "storing the result failed");
                     return Ok(());
                 }
                 let fine_tuned_model = self.job.spec.fine_tuned_model(id);
@@ -284,24 +297,37 @@ impl JobRun<'_> {
                     format!("The job has successfully completed: {fine_tuned_model}"),
                 )
                 .await;
-                store
-                    .complete_job(id, worker_id, &fine_tuned_model, trained_tokens)
-                    .await?;
+                self.retry("complete_job", || {
+                    store.complete_job(id, worker_id, &fine_tuned_model, trained_tokens)
+                })
+                .await?;
                 tracing::info!(%fine_tuned_model, trained_tokens, "fine-tuning job succeeded");
             }
             Ended::Stopped if flags.cancel.load(Ordering::Relaxed) => {
                 self.event(EventLevel::Info, "The job was cancelled".into())
                     .await;
-                store.cancel_running_job(id, worker_id).await?;
+                self.retry("cancel_running_job", || store.cancel_running_job(id, worker_id))
+                    .await?;
                 tracing::info!("fine-tuning job cancelled");
+            }
+            Ended::Stopped if flags.pause.load(Ordering::Relaxed) => {
+                self.event(
+                    EventLevel::Info,
+                    "The job was paused; resuming it continues from its latest checkpoint".into(),
+                )
+                .await;
+                self.retry("pause_running_job", || store.pause_running_job(id, worker_id))
+                    .await?;
+                tracing::info!("fine-tuning job paused");
             }
             Ended::Stopped => {
                 self.event(
                     EventLevel::Info,
-                    "The worker is shutting down; the job goes back to the queue".into(),
+                    "The worker is shutting down; the job goes back to the queue and resumes from its latest checkpoint".into(),
                 )
                 .await;
-                store.release_job(id, worker_id).await?;
+                self.retry("release_job", || store.release_job(id, worker_id))
+                    .await?;
                 tracing::info!("fine-tuning job released for another worker");
             }
             Ended::Failed(error) => {
@@ -310,11 +336,22 @@ impl JobRun<'_> {
                     format!("Fine-tuning job failed: {}", error.message),
                 )
                 .await;
-                store.fail_job(id, worker_id, &error).await?;
+                self.retry("fail_job", || store.fail_job(id, worker_id, &error))
+                    .await?;
                 tracing::warn!(code = %error.code, message = %error.message, "fine-tuning job failed");
             }
         }
         Ok(())
+    }
+
+    /// Runs a store call, retrying while the database is unavailable for up to one lease:
+    /// after that, another worker may own the job anyway.
+    async fn retry<T, F, Fut>(&self, operation: &str, call: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        retry_unavailable(operation, self.settings.lease, call).await
     }
 
     /// Uploads every artifact folder to `jobs/{id}/final/{kind}/` and the metrics as
@@ -356,6 +393,7 @@ impl JobRun<'_> {
                 tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             // A dropped sender means no shutdown signal can come any more, not a shutdown.
             let mut shutdown_open = true;
+            let mut failing = false;
             if *shutdown.borrow_and_update() {
                 flags.shutdown.store(true, Ordering::Relaxed);
             }
@@ -372,32 +410,44 @@ impl JobRun<'_> {
                     }
                 }
                 match store.heartbeat(&id, &worker_id, lease).await {
-                    Ok(beat) if beat.cancel_requested => {
-                        flags.cancel.store(true, Ordering::Relaxed)
+                    Ok(beat) => {
+                        if failing {
+                            tracing::info!("heartbeats succeed again");
+                            failing = false;
+                        }
+                        if beat.cancel_requested {
+                            flags.cancel.store(true, Ordering::Relaxed);
+                        }
+                        if beat.pause_requested {
+                            flags.pause.store(true, Ordering::Relaxed);
+                        }
                     }
-                    Ok(_) => {}
                     Err(StoreError::Conflict(message)) => {
                         tracing::warn!(%message, "stopping the run: the job was taken from this worker");
                         flags.lost.store(true, Ordering::Relaxed);
                         return;
                     }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "heartbeat failed; retrying at the next interval")
+                    // Logged once per outage; the lease covers several missed heartbeats.
+                    Err(err) if !failing => {
+                        tracing::warn!(error = %err, "heartbeat failed; retrying at each interval");
+                        failing = true;
                     }
+                    Err(_) => {}
                 }
             }
         };
         tokio::spawn(tracing::Instrument::instrument(heartbeat, span))
     }
 
+    /// Writes a job event, retrying through a database outage; a failure is logged, since an
+    /// event is not worth failing the job for.
     async fn event(&self, level: EventLevel, message: String) {
+        let event = NewEvent::message(&self.job.id, level, message);
         if let Err(err) = self
-            .services
-            .store
-            .insert_event(&NewEvent::message(&self.job.id, level, message))
+            .retry("insert_event", || self.services.store.insert_event(&event))
             .await
         {
-            tracing::warn!(error = %err, "failed to write a job event");
+            tracing::warn!(error = %err, message = %event.message, "failed to write a job event");
         }
     }
 }

@@ -4,6 +4,7 @@
 mod job;
 pub mod plan;
 mod progress;
+mod retry;
 mod trainer;
 
 use std::future::Future;
@@ -75,18 +76,33 @@ impl Worker {
     }
 
     async fn work_loop(&self, mut stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let worker_id = self.settings.worker_id.as_str();
+        // Consecutive failed rounds; the wait after each grows with backoff and jitter.
+        let mut failures = 0u32;
         while !*stopped.borrow() {
-            let idle = match self.run_next_job(stopped.clone()).await {
-                Ok(Some(_)) => false,
-                Ok(None) => true,
+            let wait = match self.run_next_job(stopped.clone()).await {
                 Err(err) => {
-                    tracing::warn!(worker_id = %self.settings.worker_id, error = %err, "queue access failed; retrying after the poll interval");
-                    true
+                    if failures == 0 {
+                        tracing::warn!(worker_id, error = %err, "queue access failed; retrying with backoff");
+                    } else {
+                        tracing::debug!(worker_id, failures, error = %err, "queue access failed again");
+                    }
+                    let wait = retry::backoff(failures, retry::random_jitter());
+                    failures = failures.saturating_add(1);
+                    Some(wait.max(self.settings.poll_interval))
+                }
+                Ok(ran) => {
+                    if failures > 0 {
+                        tracing::info!(worker_id, failures, "queue access works again");
+                        failures = 0;
+                    }
+                    // An empty queue waits; after a job the next one is claimed at once.
+                    ran.is_none().then_some(self.settings.poll_interval)
                 }
             };
-            if idle {
+            if let Some(wait) = wait {
                 tokio::select! {
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stopped.changed() => {}
                 }
             }
@@ -104,6 +120,10 @@ impl Worker {
             JobStatus::Cancelled => (
                 EventLevel::Info,
                 "The worker stopped sending heartbeats; the job was cancelled as requested",
+            ),
+            JobStatus::Paused => (
+                EventLevel::Info,
+                "The worker stopped sending heartbeats; the job was paused as requested and resumes from its latest checkpoint",
             ),
             _ => (
                 EventLevel::Error,

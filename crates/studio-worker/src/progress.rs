@@ -13,8 +13,10 @@ use studio_store::keys::checkpoint_prefix;
 use studio_store::{
     ArtifactStore, EventLevel, EventType, MetricPoint, NewCheckpoint, NewEvent, Store, StoreError,
 };
-use studio_train::{CheckpointInfo, StepMetrics, TrainObserver};
+use studio_train::{CheckpointInfo, StepMetrics, StopRequest, TrainObserver};
 use tokio::sync::mpsc;
+
+use crate::retry::retry_unavailable;
 
 /// Metric rows are written at least this often while steps arrive.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
@@ -31,15 +33,23 @@ pub struct StopFlags {
     pub cancel: AtomicBool,
     /// The worker no longer owns the job, so nothing it writes would count.
     pub lost: AtomicBool,
+    /// A user asked to pause the job: checkpoint, then stop until it is resumed.
+    pub pause: AtomicBool,
     /// The worker is shutting down and hands the job back to the queue.
     pub shutdown: AtomicBool,
 }
 
 impl StopFlags {
-    pub fn any(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
-            || self.lost.load(Ordering::Relaxed)
-            || self.shutdown.load(Ordering::Relaxed)
+    /// What the trainer should do now. A cancelled or lost job needs no checkpoint; a paused
+    /// or released one gets a checkpoint, so its next run loses no step.
+    pub fn request(&self) -> Option<StopRequest> {
+        if self.cancel.load(Ordering::Relaxed) || self.lost.load(Ordering::Relaxed) {
+            Some(StopRequest::Abandon)
+        } else if self.pause.load(Ordering::Relaxed) || self.shutdown.load(Ordering::Relaxed) {
+            Some(StopRequest::Suspend)
+        } else {
+            None
+        }
     }
 }
 
@@ -69,8 +79,8 @@ impl TrainObserver for ChannelObserver {
         let _ = self.sender.send(Progress::Event(level, message.to_owned()));
     }
 
-    fn should_cancel(&mut self) -> bool {
-        self.flags.any()
+    fn stop_request(&mut self) -> Option<StopRequest> {
+        self.flags.request()
     }
 
     /// Hands the folder to the writer task, which uploads it, so training goes on meanwhile.
@@ -86,6 +96,8 @@ pub struct ProgressSink {
     pub job_id: JobId,
     pub worker_id: String,
     pub flags: Arc<StopFlags>,
+    /// How long to retry writes while the database is unavailable: the worker's lease.
+    pub patience: Duration,
 }
 
 /// Writes progress until the observer is dropped; returns the last step seen.
@@ -99,6 +111,7 @@ pub async fn write_progress(
         job_id: sink.job_id,
         worker_id: sink.worker_id,
         flags: sink.flags,
+        patience: sink.patience,
         pending: Vec::new(),
         last: None,
     };
@@ -111,10 +124,10 @@ pub async fn write_progress(
                 Some(Progress::Checkpoint(checkpoint)) => writer.on_checkpoint(checkpoint).await,
                 None => break,
             },
-            _ = ticker.tick() => writer.flush().await,
+            _ = ticker.tick() => writer.flush(Retry::Later).await,
         }
     }
-    writer.flush().await;
+    writer.flush(Retry::Now).await;
     writer.last
 }
 
@@ -124,8 +137,18 @@ struct ProgressWriter {
     job_id: JobId,
     worker_id: String,
     flags: Arc<StopFlags>,
+    patience: Duration,
     pending: Vec<MetricPoint>,
     last: Option<StepMetrics>,
+}
+
+/// What a flush does when the database is unavailable.
+#[derive(Clone, Copy, PartialEq)]
+enum Retry {
+    /// Keep the rows for the next flush; training goes on meanwhile.
+    Later,
+    /// Retry with backoff, for rows that must be stored before what comes next.
+    Now,
 }
 
 impl ProgressWriter {
@@ -151,19 +174,26 @@ impl ProgressWriter {
         }
         self.last = Some(metrics);
         if self.pending.len() >= FLUSH_BATCH {
-            self.flush().await;
+            self.flush(Retry::Later).await;
         }
     }
 
-    async fn flush(&mut self) {
+    async fn flush(&mut self, retry: Retry) {
         if self.pending.is_empty() || self.flags.lost.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
-        match self
-            .store
-            .insert_metrics(&self.job_id, &self.worker_id, &self.pending)
-            .await
-        {
+        let (store, job_id, worker_id, pending) =
+            (&self.store, &self.job_id, self.worker_id.as_str(), &self.pending);
+        let written = match retry {
+            Retry::Later => store.insert_metrics(job_id, worker_id, pending).await,
+            Retry::Now => {
+                retry_unavailable("insert_metrics", self.patience, || {
+                    store.insert_metrics(job_id, worker_id, pending)
+                })
+                .await
+            }
+        };
+        match written {
             Ok(_) => self.pending.clear(),
             Err(StoreError::Conflict(message)) => {
                 tracing::warn!(%message, "stopping the run: the job was taken from this worker");
@@ -172,7 +202,11 @@ impl ProgressWriter {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.pending.clear();
             }
-            // The rows stay pending and are retried at the next flush.
+            // The rows stay pending and are retried at the next flush; an outage is logged by
+            // the retries of the heartbeat and of the next forced flush.
+            Err(err @ StoreError::Unavailable(_)) => {
+                tracing::debug!(error = %err, pending = self.pending.len(), "failed to write metrics; will retry")
+            }
             Err(err) => {
                 tracing::warn!(error = %err, pending = self.pending.len(), "failed to write metrics; will retry")
             }
@@ -182,7 +216,8 @@ impl ProgressWriter {
     /// Uploads a checkpoint folder, registers it and removes the local copy. A failure is
     /// logged and the run goes on, because a missing checkpoint only costs a resume point.
     async fn on_checkpoint(&mut self, checkpoint: CheckpointInfo) {
-        self.flush().await;
+        // A run resumed from this checkpoint does not repeat its steps, so their rows go first.
+        self.flush(Retry::Now).await;
         if self.flags.lost.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
@@ -199,7 +234,11 @@ impl ProgressWriter {
             metrics: checkpoint_metrics(&checkpoint.metrics),
             artifact_key: prefix,
         };
-        match self.store.insert_checkpoint(&self.worker_id, &row).await {
+        let registered = retry_unavailable("insert_checkpoint", self.patience, || {
+            self.store.insert_checkpoint(&self.worker_id, &row)
+        })
+        .await;
+        match registered {
             Ok(saved) => tracing::info!(step, checkpoint_id = %saved.id, "checkpoint stored"),
             Err(StoreError::Conflict(message)) => {
                 tracing::warn!(%message, "stopping the run: the job was taken from this worker");
@@ -229,7 +268,11 @@ impl ProgressWriter {
             message,
             data,
         };
-        if let Err(err) = self.store.insert_event(&event).await {
+        let written = retry_unavailable("insert_event", self.patience, || {
+            self.store.insert_event(&event)
+        })
+        .await;
+        if let Err(err) = written {
             tracing::warn!(error = %err, message = %event.message, "failed to write a job event");
         }
     }

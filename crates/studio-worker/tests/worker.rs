@@ -4,18 +4,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::TimeDelta;
 use serde_json::json;
 use sqlx::PgPool;
 use studio_core::dataset::DatasetFormat;
 use studio_core::{CheckpointId, FileId, JobId, JobSpec, JobStatus};
 use studio_store::keys::{checkpoint_prefix, file_key, final_adapter_key, results_csv_key};
 use studio_store::{
-    ArtifactStore, ModelCatalog, NewCheckpoint, NewFile, NewJob, PageRequest, PgStore, Services,
-    SystemClock,
+    ArtifactStore, Clock, ManualClock, ModelCatalog, NewCheckpoint, NewFile, NewJob, PageRequest,
+    PgStore, Services, SystemClock, RETRY_MAX_DELAY,
 };
 use studio_train::{
-    Approach, ArtifactKind, CheckpointInfo, RunOutcome, SftJob, StepMetrics, TrainError,
-    TrainObserver, TrainSettings, TrainSummary,
+    Approach, ArtifactKind, CheckpointInfo, RunOutcome, SftJob, StepMetrics, StopRequest,
+    TrainError, TrainObserver, TrainSettings, TrainSummary,
 };
 use studio_worker::{Trainer, Worker, WorkerSettings};
 use tokio::sync::watch;
@@ -40,8 +41,9 @@ enum Behaviour {
         at: Vec<u64>,
     },
     Fail,
-    /// Reports a step every few milliseconds until cancelled, for at most this many steps.
-    RunUntilCancelled {
+    /// Reports a step every few milliseconds until asked to stop, for at most this many steps;
+    /// a request to suspend writes a checkpoint of the last step first.
+    RunUntilStopped {
         max_steps: u64,
     },
 }
@@ -186,15 +188,24 @@ impl Trainer for FakeTrainer {
                 message: "every example is longer than max_seq_len 16".into(),
                 param: Some("training_file".into()),
             }),
-            Behaviour::RunUntilCancelled { max_steps } => {
+            Behaviour::RunUntilStopped { max_steps } => {
                 for step in 1..=*max_steps {
-                    if observer.should_cancel() {
-                        return Ok(RunOutcome::Cancelled { steps: step - 1 });
-                    }
                     observer.on_step(&metrics(step, *max_steps));
                     std::thread::sleep(Duration::from_millis(10));
+                    if let Some(request) = observer.stop_request() {
+                        if request == StopRequest::Suspend {
+                            let dir = write_checkpoint(job, step)?;
+                            let step_metrics = metrics(step, *max_steps);
+                            observer.on_checkpoint(&CheckpointInfo {
+                                step,
+                                dir,
+                                metrics: step_metrics,
+                            });
+                        }
+                        return Ok(RunOutcome::Stopped { steps: step, request });
+                    }
                 }
-                panic!("the run was never cancelled");
+                panic!("the run was never stopped");
             }
         }
     }
@@ -223,11 +234,15 @@ struct Setup {
 }
 
 async fn setup(pool: PgPool) -> Setup {
+    setup_with_clock(pool, Arc::new(SystemClock)).await
+}
+
+async fn setup_with_clock(pool: PgPool, clock: Arc<dyn Clock>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("models")).unwrap();
     std::fs::write(dir.path().join("models/tiny.gguf"), b"GGUF").unwrap();
     let services = Services {
-        store: Arc::new(PgStore::new(pool, Arc::new(SystemClock))),
+        store: Arc::new(PgStore::new(pool, clock)),
         artifacts: Arc::new(ArtifactStore::new(dir.path().join("artifacts"))),
         models: ModelCatalog::new(dir.path().join("models")),
     };
@@ -260,6 +275,8 @@ impl Setup {
             id: JobId::new(),
             spec,
             max_attempts: 3,
+            idempotency_key: None,
+            request_hash: None,
         };
         self.services.store.insert_job(&job).await.unwrap();
         job.id
@@ -437,7 +454,7 @@ async fn unknown_model_fails_job_before_training(pool: PgPool) {
 async fn cancel_request_stops_the_run(pool: PgPool) {
     let setup = setup(pool).await;
     let id = setup.queue_job("tiny").await;
-    let worker = setup.worker(Behaviour::RunUntilCancelled { max_steps: 2000 });
+    let worker = setup.worker(Behaviour::RunUntilStopped { max_steps: 2000 });
     let store = setup.services.store.clone();
     let job_id = id.clone();
 
@@ -478,7 +495,7 @@ async fn cancel_request_stops_the_run(pool: PgPool) {
 async fn shutdown_requeues_running_job(pool: PgPool) {
     let setup = setup(pool).await;
     let id = setup.queue_job("tiny").await;
-    let worker = setup.worker(Behaviour::RunUntilCancelled { max_steps: 2000 });
+    let worker = setup.worker(Behaviour::RunUntilStopped { max_steps: 2000 });
     let (stop, stopped) = watch::channel(false);
     let store = setup.services.store.clone();
     let job_id = id.clone();
@@ -496,6 +513,86 @@ async fn shutdown_requeues_running_job(pool: PgPool) {
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(job.attempt, 0);
     assert_eq!(job.locked_by, None);
+    assert_last_step_is_checkpointed(&setup, &id).await;
+}
+
+/// Checks that the latest checkpoint is of the last step with metrics, so a resumed run
+/// repeats no step.
+async fn assert_last_step_is_checkpointed(setup: &Setup, id: &JobId) {
+    let store = &setup.services.store;
+    let last_step = store.list_metrics(id).await.unwrap().last().expect("metrics").step;
+    let latest = store
+        .list_checkpoints(id, &PageRequest::first(1))
+        .await
+        .unwrap();
+    let checkpoint = latest.data.first().expect("a checkpoint written on stopping");
+    assert_eq!(checkpoint.step, last_step);
+    let files = setup
+        .services
+        .artifacts
+        .list(&checkpoint.artifact_key)
+        .await
+        .unwrap();
+    assert!(
+        files.iter().any(|(name, _)| name == "trainer_state.json"),
+        "{files:?}"
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn pause_checkpoints_and_resume_continues_from_it(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup.queue_job("tiny").await;
+    let worker = setup.worker(Behaviour::RunUntilStopped { max_steps: 2000 });
+    let store = setup.services.store.clone();
+    let job_id = id.clone();
+
+    let pauser = tokio::spawn(async move {
+        let started = Instant::now();
+        while store.list_metrics(&job_id).await.unwrap().len() < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the run never wrote metrics"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store.request_pause(&job_id).await.unwrap();
+    });
+    worker.run_next_job(not_stopped()).await.unwrap();
+    pauser.await.unwrap();
+    let paused = setup.services.store.get_job(&id).await.unwrap();
+
+    assert_eq!(paused.status, JobStatus::Paused);
+    assert_eq!(paused.locked_by, None);
+    assert_last_step_is_checkpointed(&setup, &id).await;
+    assert!(
+        setup
+            .event_messages(&id)
+            .await
+            .last()
+            .unwrap()
+            .starts_with("The job was paused"),
+        "{:?}",
+        setup.event_messages(&id).await
+    );
+
+    // A paused job is not claimed until it is resumed; then it continues from the checkpoint.
+    let (resumed_worker, seen) = setup.recording_worker(Behaviour::Succeed { steps: 6 });
+    assert_eq!(resumed_worker.run_next_job(not_stopped()).await.unwrap(), None);
+    setup.services.store.resume_job(&id).await.unwrap();
+    assert_eq!(
+        resumed_worker.run_next_job(not_stopped()).await.unwrap(),
+        Some(id.clone())
+    );
+    let seen = seen.lock().unwrap().clone().expect("the trainer ran");
+    assert_eq!(
+        seen.resumed_state.as_deref(),
+        Some(std::str::from_utf8(TRAINER_STATE).unwrap())
+    );
+    assert_eq!(
+        setup.services.store.get_job(&id).await.unwrap().status,
+        JobStatus::Succeeded
+    );
 }
 
 #[sqlx::test(migrations = "../../migrations")]
@@ -794,9 +891,23 @@ impl Trainer for GatedTrainer {
     }
 }
 
+/// A store clock that tests move by hand, starting at the wall clock's now.
+fn manual_clock() -> Arc<ManualClock> {
+    Arc::new(ManualClock::new(SystemClock.now()))
+}
+
+/// Runs the next job after the retry delay of a rescued job has passed: the first round
+/// rescues the job and finds it not yet due.
+async fn run_after_retry_delay(worker: &Worker, clock: &ManualClock) -> Option<JobId> {
+    assert_eq!(worker.run_next_job(not_stopped()).await.unwrap(), None);
+    clock.advance(TimeDelta::from_std(RETRY_MAX_DELAY).unwrap());
+    worker.run_next_job(not_stopped()).await.unwrap()
+}
+
 #[sqlx::test(migrations = "../../migrations")]
 async fn worker_past_its_lease_keeps_the_new_result(pool: PgPool) {
-    let setup = setup(pool).await;
+    let clock = manual_clock();
+    let setup = setup_with_clock(pool, clock.clone()).await;
     let id = setup.queue_job("tiny").await;
     // The stale worker never heartbeats, as if its heartbeats failed while it trained on.
     let stale_settings = WorkerSettings {
@@ -818,13 +929,10 @@ async fn worker_past_its_lease_keeps_the_new_result(pool: PgPool) {
     while setup.services.store.get_job(&id).await.unwrap().status != JobStatus::Running {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    clock.advance(TimeDelta::milliseconds(200));
 
-    let rescuer = setup
-        .worker(Behaviour::Succeed { steps: 2 })
-        .run_next_job(not_stopped())
-        .await
-        .unwrap();
+    let rescuer =
+        run_after_retry_delay(&setup.worker(Behaviour::Succeed { steps: 2 }), &clock).await;
     open_gate.send(()).unwrap();
     let _ = stale_run.await.unwrap();
 
@@ -846,20 +954,18 @@ async fn worker_past_its_lease_keeps_the_new_result(pool: PgPool) {
 
 #[sqlx::test(migrations = "../../migrations")]
 async fn rescue_writes_job_event(pool: PgPool) {
-    let setup = setup(pool).await;
+    let clock = manual_clock();
+    let setup = setup_with_clock(pool, clock.clone()).await;
     let id = setup.queue_job("tiny").await;
     let store = &setup.services.store;
     store
         .claim_job("crashed-worker", Duration::from_millis(1))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    clock.advance(TimeDelta::milliseconds(20));
 
-    setup
-        .worker(Behaviour::Succeed { steps: 2 })
-        .run_next_job(not_stopped())
-        .await
-        .unwrap();
+    let ran = run_after_retry_delay(&setup.worker(Behaviour::Succeed { steps: 2 }), &clock).await;
+    assert_eq!(ran, Some(id.clone()));
     let events = setup.event_messages(&id).await;
 
     let rescue = events
