@@ -1,13 +1,18 @@
-//! `/v1/fine_tuning/jobs/{id}/events`: the job's events, newest first, as OpenAI pages them.
+//! `/v1/fine_tuning/jobs/{id}/events`: the job's events, newest first, as OpenAI pages them, or
+//! with `stream=true` as Server-Sent Events (see [`crate::event_stream`]).
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use studio_store::{EventRecord, Services};
 
 use crate::error::ApiError;
+use crate::event_stream;
 use crate::extract::IdPath;
 use crate::jobs::find_job;
 use crate::pagination::{list_object, ListQuery};
@@ -28,13 +33,46 @@ pub fn event_object(event: &EventRecord) -> Value {
     })
 }
 
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    #[serde(flatten)]
+    page: ListQuery,
+    /// Kept as text, so that any value other than `true` or `false` gets one message.
+    stream: Option<String>,
+}
+
 async fn list_events(
     State(services): State<Services>,
     IdPath(job_id): IdPath,
-    query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let page = query?.0.page_request()?;
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = query?.0;
+    if stream_requested(query.stream.as_deref())? {
+        if query.page.after.is_some() || query.page.limit.is_some() {
+            return Err(ApiError::invalid(
+                "'after' and 'limit' page the event list and do not apply with stream=true; \
+                 send the Last-Event-ID header to resume a stream",
+                None,
+                "invalid_query",
+            ));
+        }
+        return event_stream::respond(services, &job_id, &headers).await;
+    }
+    let page = query.page.page_request()?;
     let job = find_job(&services, &job_id).await?;
     let events = services.store.list_events(&job.id, &page).await?;
-    Ok(Json(list_object(events, event_object)))
+    Ok(Json(list_object(events, event_object)).into_response())
+}
+
+fn stream_requested(value: Option<&str>) -> Result<bool, ApiError> {
+    match value {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(ApiError::invalid(
+            format!("invalid 'stream' {other:?}: expected true or false"),
+            Some("stream"),
+            "invalid_value",
+        )),
+    }
 }

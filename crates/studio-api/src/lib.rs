@@ -6,6 +6,7 @@ mod checkpoints;
 mod download;
 mod error;
 mod estimate;
+mod event_stream;
 mod events;
 mod extract;
 mod files;

@@ -11,6 +11,9 @@ use studio_core::JobId;
 use studio_store::{ArtifactStore, ModelCatalog, PgStore, Services, SystemClock};
 use tower::ServiceExt;
 
+#[path = "api/event_stream.rs"]
+mod event_stream;
+
 #[path = "api/queue_controls.rs"]
 mod queue_controls;
 
