@@ -63,7 +63,7 @@ impl JobStatus {
         matches!(
             (self, next),
             (ValidatingFiles, Queued | Failed | Cancelled)
-                | (Queued, Running | Cancelled | Failed)
+                | (Queued, Running | Cancelled | Failed | Paused)
                 | (Running, Succeeded | Failed | Cancelled | Paused | Queued)
                 | (Paused, Queued | Cancelled)
         )
@@ -117,5 +117,13 @@ mod tests {
         assert!(!JobStatus::Queued.can_transition_to(JobStatus::Succeeded));
         assert!(JobStatus::Queued.can_transition_to(JobStatus::Running));
         assert!(JobStatus::Running.can_transition_to(JobStatus::Succeeded));
+    }
+
+    #[test]
+    fn paused_job_resumes_through_the_queue() {
+        assert!(JobStatus::Queued.can_transition_to(JobStatus::Paused));
+        assert!(JobStatus::Running.can_transition_to(JobStatus::Paused));
+        assert!(JobStatus::Paused.can_transition_to(JobStatus::Queued));
+        assert!(!JobStatus::Paused.can_transition_to(JobStatus::Running));
     }
 }
