@@ -57,6 +57,59 @@ pub struct GlobalArgs {
     /// [default: info; warn for demo, so that its progress bar stays readable].
     #[arg(long, env = "RUST_LOG", global = true)]
     pub log: Option<String>,
+
+    /// Storage of uploaded files, checkpoints and trained models: s3://BUCKET/PREFIX for Amazon
+    /// S3 or an S3-compatible server (the prefix is optional), or file://PATH for a local folder
+    /// [default: DATA_DIR/artifacts]. Used by serve, worker, up and demo.
+    #[arg(long, env = "STUDIO_ARTIFACTS_URL", value_name = "URL", global = true)]
+    pub artifacts_url: Option<String>,
+
+    /// Base URL of an S3-compatible server, such as http://127.0.0.1:9000 [default: Amazon S3].
+    /// Plain HTTP is used only when the URL starts with http://.
+    #[arg(long, env = "STUDIO_S3_ENDPOINT", value_name = "URL", global = true)]
+    pub s3_endpoint: Option<String>,
+
+    /// Region of the S3 bucket [default: us-east-1].
+    #[arg(long, env = "STUDIO_S3_REGION", global = true)]
+    pub s3_region: Option<String>,
+
+    /// Access key id for an s3:// artifacts URL.
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true, global = true)]
+    pub s3_access_key_id: Option<String>,
+
+    /// Secret access key for an s3:// artifacts URL; never printed or logged. Prefer the
+    /// environment variable: other users of the machine can read a flag in the process list.
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true, global = true)]
+    pub s3_secret_access_key: Option<Secret>,
+
+    /// Session token of temporary S3 credentials; never printed or logged.
+    #[arg(long, env = "AWS_SESSION_TOKEN", hide_env_values = true, global = true)]
+    pub s3_session_token: Option<Secret>,
+}
+
+/// A secret option value, such as a password or key, that `Debug` hides.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Returns the value, for the client that authenticates with it only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(value.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(****)")
+    }
 }
 
 #[derive(Debug, Subcommand)]

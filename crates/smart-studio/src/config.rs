@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use reqwest::Url;
-use studio_store::StoreSettings;
+use studio_store::{ArtifactLocation, S3Options, StoreSettings};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Command, GlobalArgs};
@@ -20,6 +20,9 @@ pub struct Config {
     /// `None` only for commands that need no database (`fetch-model`, `train`, `eval`). Without
     /// `--database-url` the others use the SQLite file `DATA_DIR/studio.db`.
     pub database_url: Option<DatabaseUrl>,
+    /// `None` only for commands that store no artifacts (`migrate`, `fetch-model`, `train`,
+    /// `eval`). Without `--artifacts-url` the others use the folder `DATA_DIR/artifacts`.
+    pub artifacts: Option<ArtifactLocation>,
     pub listen_addr: SocketAddr,
     pub log_filter: String,
 }
@@ -40,11 +43,17 @@ impl Config {
             None if needs_database(command) => Some(DatabaseUrl::sqlite_in(&args.data_dir)),
             None => None,
         };
+        let artifacts = if needs_artifacts(command) {
+            Some(artifact_location(args)?)
+        } else {
+            None
+        };
 
         Ok(Config {
             data_dir: args.data_dir.clone(),
             models_dir: args.models_dir.clone(),
             database_url,
+            artifacts,
             listen_addr: SocketAddr::new(args.host, args.port),
             log_filter,
         })
@@ -65,10 +74,30 @@ impl Config {
 
         Ok(StoreSettings {
             database_url: self.database_url().expose().to_owned(),
-            data_dir: self.data_dir.clone(),
+            artifacts: self.artifacts().clone(),
             models_dir: self.models_dir.clone(),
         })
     }
+
+    /// Returns the artifact location, which `from_args` guarantees for every command that calls
+    /// this.
+    pub fn artifacts(&self) -> &ArtifactLocation {
+        self.artifacts
+            .as_ref()
+            .expect("from_args sets the artifact location for commands that store artifacts")
+    }
+}
+
+/// Builds the artifact location from `--artifacts-url` and the S3 options.
+fn artifact_location(args: &GlobalArgs) -> anyhow::Result<ArtifactLocation> {
+    let options = S3Options {
+        endpoint: args.s3_endpoint.clone(),
+        region: args.s3_region.clone(),
+        access_key_id: args.s3_access_key_id.clone(),
+        secret_access_key: args.s3_secret_access_key.as_ref().map(|secret| secret.expose().to_owned()),
+        session_token: args.s3_session_token.as_ref().map(|token| token.expose().to_owned()),
+    };
+    Ok(ArtifactLocation::resolve(args.artifacts_url.as_deref(), &args.data_dir, options)?)
 }
 
 /// A database URL, `postgres://…` or `sqlite://PATH`, whose `Debug` and `Display` hide the
@@ -153,6 +182,13 @@ fn needs_database(command: &Command) -> bool {
     !matches!(command, Command::FetchModel | Command::Train(_) | Command::Eval(_))
 }
 
+fn needs_artifacts(command: &Command) -> bool {
+    !matches!(
+        command,
+        Command::Migrate | Command::FetchModel | Command::Train(_) | Command::Eval(_)
+    )
+}
+
 fn default_log_filter(command: &Command) -> &'static str {
     match command {
         Command::Demo(_) => "warn",
@@ -213,23 +249,101 @@ mod tests {
         assert!(message.contains("sqlite::memory:"), "{message}");
     }
 
-    #[test]
-    fn missing_url_defaults_to_sqlite() {
-        let args = GlobalArgs {
+    fn global_args() -> GlobalArgs {
+        GlobalArgs {
             data_dir: PathBuf::from("/srv/studio-data"),
             models_dir: PathBuf::from("/srv/models"),
             database_url: None,
             host: "127.0.0.1".parse().unwrap(),
             port: 8000,
             log: None,
-        };
+            artifacts_url: None,
+            s3_endpoint: None,
+            s3_region: None,
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            s3_session_token: None,
+        }
+    }
 
-        let config = Config::from_args(&args, &Command::Serve).unwrap();
+    fn s3_args() -> GlobalArgs {
+        GlobalArgs {
+            artifacts_url: Some("s3://studio-artifacts/prod".to_owned()),
+            s3_endpoint: Some("http://127.0.0.1:9000".to_owned()),
+            s3_access_key_id: Some("AKIDEXAMPLE".to_owned()),
+            s3_secret_access_key: Some("s3cret-key".parse().unwrap()),
+            ..global_args()
+        }
+    }
+
+    #[test]
+    fn missing_url_defaults_to_sqlite() {
+        let config = Config::from_args(&global_args(), &Command::Serve).unwrap();
 
         assert_eq!(
             config.database_url().expose(),
             "sqlite:///srv/studio-data/studio.db"
         );
+    }
+
+    #[test]
+    fn artifacts_default_to_data_folder() {
+        let config = Config::from_args(&global_args(), &Command::Serve).unwrap();
+
+        assert_eq!(
+            config.artifacts(),
+            &ArtifactLocation::Local(PathBuf::from("/srv/studio-data/artifacts"))
+        );
+    }
+
+    #[test]
+    fn artifacts_url_selects_s3_bucket() {
+        let config = Config::from_args(&s3_args(), &Command::Serve).unwrap();
+
+        let ArtifactLocation::S3(s3) = config.artifacts() else {
+            panic!("expected an S3 location, got {:?}", config.artifacts());
+        };
+        assert_eq!(s3.bucket, "studio-artifacts");
+        assert_eq!(s3.prefix, "prod");
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.credentials.secret_access_key, "s3cret-key");
+    }
+
+    #[test]
+    fn s3_secret_is_not_in_debug_output() {
+        let args = s3_args();
+        let config = Config::from_args(&args, &Command::Serve).unwrap();
+
+        for text in [format!("{args:?}"), format!("{config:?}")] {
+            assert!(!text.contains("s3cret-key"), "{text}");
+        }
+    }
+
+    #[test]
+    fn artifacts_url_without_credentials_is_rejected() {
+        let args = GlobalArgs {
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            ..s3_args()
+        };
+
+        let error = Config::from_args(&args, &Command::Serve).unwrap_err();
+
+        let message = format!("{error:#}");
+        assert!(message.contains("s3://studio-artifacts/prod"), "{message}");
+        assert!(message.contains("AWS_SECRET_ACCESS_KEY"), "{message}");
+    }
+
+    #[test]
+    fn migrate_ignores_artifacts_url() {
+        let args = GlobalArgs {
+            artifacts_url: Some("gs://elsewhere".to_owned()),
+            ..global_args()
+        };
+
+        let config = Config::from_args(&args, &Command::Migrate).unwrap();
+
+        assert!(config.artifacts.is_none());
     }
 
     #[test]

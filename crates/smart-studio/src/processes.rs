@@ -120,9 +120,9 @@ pub async fn open_services(config: &Config) -> anyhow::Result<Services> {
     let settings = config.store_settings()?;
     Services::open(&settings).await.with_context(|| {
         format!(
-            "failed to open storage (database {}, data folder {})",
+            "failed to open storage (database {}, artifacts {})",
             config.database_url(),
-            config.data_dir.display()
+            config.artifacts()
         )
     })
 }

@@ -1,6 +1,8 @@
 //! `/v1/fine_tuning/jobs/{id}/download`: a job's artifact or a checkpoint's weights as a tar
 //! archive, streamed.
 
+use std::sync::Arc;
+
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -8,13 +10,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use futures::stream::{self, StreamExt};
+use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::Deserialize;
 use studio_core::spec::TrainingType;
-use studio_core::{CheckpointId, JobSpec, JobStatus};
+use studio_core::{CheckpointId, JobId, JobSpec, JobStatus};
 use studio_store::keys::{final_artifact_prefix, ADAPTER_FILES};
-use studio_store::{JobRecord, Services, StoreError};
-use tokio_util::io::ReaderStream;
+use studio_store::{ArtifactStore, ArtifactStream, JobRecord, Services, StoreError};
 
 use crate::error::ApiError;
 use crate::extract::IdPath;
@@ -176,18 +177,19 @@ async fn checkpoint_entries(
     Ok((entries, archive_name))
 }
 
-/// Streams `entries` as a tar archive with their names at its root.
+/// Streams `entries` as a tar archive with their names at its root. The sizes are looked up
+/// first, for the headers; each artifact is opened only when the archive reaches it.
 async fn tar_response(
     services: &Services,
     job: &JobRecord,
     entries: Vec<Entry>,
     archive_name: &str,
 ) -> Result<Response, ApiError> {
-    let mut opened = Vec::with_capacity(entries.len());
+    let mut sized = Vec::with_capacity(entries.len());
     for entry in entries {
-        let (file, len) = services
+        let len = services
             .artifacts
-            .open(&entry.key)
+            .size(&entry.key)
             .await
             .map_err(|err| match err {
                 StoreError::NotFound { .. } => ApiError::not_found(
@@ -199,22 +201,23 @@ async fn tar_response(
                 ),
                 other => other.into(),
             })?;
-        opened.push((entry.name, file, len));
+        sized.push((entry, len));
     }
 
     let mtime = job.finished_at.unwrap_or(job.created_at).timestamp().max(0) as u64;
-    let content_length: u64 = opened
+    let content_length: u64 = sized
         .iter()
-        .map(|(_, _, len)| TAR_BLOCK + padded(*len))
+        .map(|(_, len)| TAR_BLOCK + padded(*len))
         .sum::<u64>()
         + 2 * TAR_BLOCK;
     let mut body = stream::empty().boxed();
-    for (name, file, len) in opened {
-        let header = tar_header(&name, len, mtime)?;
+    for (entry, len) in sized {
+        let header = tar_header(&entry.name, len, mtime)?;
         let padding = Bytes::from(vec![0u8; (padded(len) - len) as usize]);
+        let content = artifact_content(services.artifacts.clone(), job.id.clone(), entry.key, len);
         body = body
             .chain(stream::iter([Ok(header)]))
-            .chain(ReaderStream::new(file))
+            .chain(content)
             .chain(stream::iter([Ok(padding)]))
             .boxed();
     }
@@ -235,6 +238,32 @@ async fn tar_response(
         ),
     ];
     Ok((headers, Body::from_stream(body)).into_response())
+}
+
+/// Opens `key` when the stream is first polled, so a download keeps one artifact read open at
+/// a time. An artifact whose size differs from `len`, the size in its tar header, fails the
+/// stream, since its content would no longer match the header.
+fn artifact_content(
+    artifacts: Arc<ArtifactStore>,
+    job_id: JobId,
+    key: String,
+    len: u64,
+) -> ArtifactStream {
+    stream::once(async move {
+        let opened = match artifacts.open(&key).await {
+            Ok((_, size)) if size != len => Err(std::io::Error::other(format!(
+                "artifact {key} changed from {len} to {size} bytes during the download"
+            ))),
+            Ok((content, _)) => Ok(content),
+            Err(err) => Err(std::io::Error::other(err)),
+        };
+        if let Err(err) = &opened {
+            tracing::error!(job_id = %job_id, artifact = %key, error = %err, "the download stopped: an artifact could not be read");
+        }
+        opened
+    })
+    .try_flatten()
+    .boxed()
 }
 
 /// Rounds the size of a tar entry's data up to whole blocks.

@@ -14,7 +14,6 @@ use studio_core::dataset::{DatasetSummary, DatasetValidator};
 use studio_core::FileId;
 use studio_store::keys::file_key;
 use studio_store::{ArtifactWriter, FileRecord, NewFile, Services};
-use tokio_util::io::ReaderStream;
 
 use crate::error::{parse_path_id, ApiError};
 use crate::extract::IdPath;
@@ -89,7 +88,7 @@ async fn file_content(
             content_disposition(&file.filename),
         ),
     ];
-    Ok((headers, Body::from_stream(ReaderStream::new(content))).into_response())
+    Ok((headers, Body::from_stream(content)).into_response())
 }
 
 /// Streams the upload into a temporary artifact while validating it line by line, and only

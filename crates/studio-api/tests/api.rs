@@ -1349,7 +1349,12 @@ async fn merged_model_is_built_on_first_download(pool: PgPool) {
     }
     store.complete_job(&id, "w1", &format!("ft:smollm2-135m-instruct:studio:{id}"), 99).await.unwrap();
     let stored = |app: &TestApp| {
-        let dir = app.services.artifacts.root().join(format!("jobs/{id}/final/merged"));
+        let dir = app
+            .services
+            .artifacts
+            .local_root()
+            .expect("the test store is a local folder")
+            .join(format!("jobs/{id}/final/merged"));
         std::fs::read_dir(dir).map(|entries| entries.count()).unwrap_or(0)
     };
     assert_eq!(stored(&app), 0, "a job stores no merged model until it is requested");

@@ -1,5 +1,5 @@
 //! Persistence and the job queue of Smart Studio: files, jobs, events, metrics and checkpoints in a
-//! database, artifacts in a folder, and the catalog of base models.
+//! database, artifacts in a folder or an S3-compatible bucket, and the catalog of base models.
 //!
 //! All SQL of the project lives in this crate. Queries are built at run time (`sqlx::query`),
 //! not with the checked macros, so a fresh clone builds without a database.
@@ -52,8 +52,8 @@ pub struct StoreSettings {
     /// `postgres://…` for Postgres, or `sqlite://PATH` for an SQLite file;
     /// [`sqlite_url`] names the default file in the data folder.
     pub database_url: String,
-    /// Artifacts go to `data_dir/artifacts`.
-    pub data_dir: PathBuf,
+    /// Where artifacts go; [`ArtifactLocation::in_data_dir`] names the default folder.
+    pub artifacts: ArtifactLocation,
     /// Base models: `NAME.gguf` files and Hugging Face folders `NAME/`.
     pub models_dir: PathBuf,
 }
@@ -80,8 +80,9 @@ impl Services {
             Some(path) => Arc::new(SqliteStore::open(&path?, clock).await?),
             None => Arc::new(PgStore::new(postgres::connect(&settings.database_url).await?, clock)),
         };
-        let artifacts = ArtifactStore::new(settings.data_dir.join("artifacts"));
-        tokio::fs::create_dir_all(artifacts.root()).await?;
+        let artifacts = ArtifactStore::connect(&settings.artifacts)?;
+        artifacts.check_access().await?;
+        tracing::info!(artifacts = artifacts.location(), "artifact store ready");
         Ok(Services {
             store,
             artifacts: Arc::new(artifacts),

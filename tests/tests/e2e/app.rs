@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::multipart::{Form, Part};
 use reqwest::{Response, StatusCode};
 use serde_json::Value;
-use studio_store::{Services, StoreSettings};
+use studio_store::{ArtifactLocation, Services, StoreSettings};
 use studio_worker::WorkerSettings;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
@@ -21,28 +21,34 @@ pub struct TestApp {
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     // Dropped after the tasks stop, so that the folder and the database outlive the server.
-    _data_dir: TempDir,
+    data_dir: TempDir,
     _database: TestDatabase,
 }
 
 impl TestApp {
     /// Starts the REST API alone, so jobs stay queued.
     pub async fn spawn() -> TestApp {
-        Self::start(false).await
+        Self::start(false, None).await
     }
 
     /// Starts the REST API and one worker, as `smart-studio up` runs them.
     pub async fn spawn_with_worker() -> TestApp {
-        Self::start(true).await
+        Self::start(true, None).await
     }
 
-    async fn start(with_worker: bool) -> TestApp {
+    /// Starts the REST API and one worker that store artifacts in `artifacts` instead of the
+    /// data folder.
+    pub async fn spawn_with_worker_storing_in(artifacts: ArtifactLocation) -> TestApp {
+        Self::start(true, Some(artifacts)).await
+    }
+
+    async fn start(with_worker: bool, artifacts: Option<ArtifactLocation>) -> TestApp {
         let models_dir = data::models_dir();
         let database = TestDatabase::create().await;
         let data_dir = tempfile::tempdir().expect("failed to create a temporary data folder");
         let settings = StoreSettings {
             database_url: database.url.clone(),
-            data_dir: data_dir.path().to_owned(),
+            artifacts: artifacts.unwrap_or_else(|| ArtifactLocation::in_data_dir(data_dir.path())),
             models_dir,
         };
         let services = Services::open(&settings)
@@ -71,7 +77,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             shutdown,
             tasks,
-            _data_dir: data_dir,
+            data_dir,
             _database: database,
         }
     }
@@ -82,6 +88,11 @@ impl TestApp {
         for task in self.tasks.drain(..) {
             task.await.expect("a server or worker task panicked");
         }
+    }
+
+    /// Returns the data folder: the worker's scratch space, and the artifacts by default.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data_dir.path()
     }
 
     pub fn url(&self, path: &str) -> String {

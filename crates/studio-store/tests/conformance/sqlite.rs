@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use sqlx::Row;
 use studio_store::{
-    migrate, sqlite_url, Services, SqliteStore, StoreSettings, SQLITE_FILE_NAME,
+    migrate, sqlite_url, ArtifactLocation, Services, SqliteStore, StoreSettings, SQLITE_FILE_NAME,
 };
 use tempfile::TempDir;
 
@@ -85,7 +85,7 @@ async fn services_open_sqlite_url_in_data_folder() {
     let data_dir = folder.path().join("data");
     let settings = StoreSettings {
         database_url: sqlite_url(&data_dir),
-        data_dir: data_dir.clone(),
+        artifacts: ArtifactLocation::in_data_dir(&data_dir),
         models_dir: folder.path().join("models"),
     };
     migrate(&settings.database_url).await.unwrap();
@@ -98,6 +98,7 @@ async fn services_open_sqlite_url_in_data_folder() {
         .unwrap();
 
     assert!(data_dir.join(SQLITE_FILE_NAME).is_file());
+    assert!(data_dir.join(studio_store::ARTIFACTS_DIR_NAME).is_dir());
     assert!(page.data.is_empty());
 }
 
