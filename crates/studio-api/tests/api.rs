@@ -146,7 +146,12 @@ impl TestApp {
     }
 
     fn artifact_files(&self) -> usize {
-        let folder = self.services.artifacts.root().join("files");
+        let folder = self
+            .services
+            .artifacts
+            .local_root()
+            .expect("the test store is a local folder")
+            .join("files");
         std::fs::read_dir(folder)
             .map(|entries| entries.count())
             .unwrap_or(0)

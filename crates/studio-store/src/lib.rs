@@ -22,7 +22,11 @@ mod store;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use artifacts::{ArtifactStore, ArtifactWriter};
+pub use artifacts::{
+    ArtifactLocation, ArtifactStore, ArtifactStream, ArtifactWriter, InvalidArtifactLocation,
+    S3Credentials, S3Location, S3Options, ARTIFACTS_DIR_NAME, DEFAULT_PART_SIZE,
+    DEFAULT_S3_REGION, MIN_PART_SIZE,
+};
 pub use catalog::{BaseModel, CatalogError, ModelCatalog, ModelFormat};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::StoreError;
@@ -73,7 +77,8 @@ pub struct Services {
 
 impl Services {
     /// Connects to the database of `settings.database_url` (Postgres or SQLite, by its scheme)
-    /// and prepares the artifact folder. It does not migrate; call [`migrate`] first.
+    /// and to the artifact store, checking that the store answers. It does not migrate; call
+    /// [`migrate`] first.
     pub async fn open(settings: &StoreSettings) -> Result<Services, StoreError> {
         let clock = Arc::new(SystemClock);
         let store: Arc<dyn Store> = match sqlite::sqlite_path(&settings.database_url) {
