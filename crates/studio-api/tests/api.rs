@@ -1,4 +1,5 @@
-//! The API through `app(services)` without a socket, against a real Postgres.
+//! The API through `app(services)` against a real Postgres, mostly without a socket; the event
+//! stream cases in `api/event_stream.rs` serve it on a loopback socket over Postgres and SQLite.
 
 use std::sync::Arc;
 
