@@ -485,7 +485,10 @@ impl Store for PgStore {
         // Safe under concurrency: the same ownership guard as complete_job; the job becomes
         // claimable only once this statement commits.
         let sql = format!(
-            "UPDATE jobs SET status = CASE WHEN pause_requested THEN 'paused' ELSE 'queued' END,
+            "UPDATE jobs SET
+                 status = CASE WHEN cancel_requested THEN 'cancelled'
+                               WHEN pause_requested THEN 'paused' ELSE 'queued' END,
+                 finished_at = CASE WHEN cancel_requested THEN $3 ELSE finished_at END,
                  updated_at = $3, attempt = attempt - 1, pause_requested = FALSE,
                  locked_by = NULL, lease_expires_at = NULL
              WHERE id = $1 AND locked_by = $2 AND status = 'running'
@@ -507,7 +510,10 @@ impl Store for PgStore {
     ) -> Result<JobRecord, StoreError> {
         // Safe under concurrency: the same ownership guard as complete_job.
         let sql = format!(
-            "UPDATE jobs SET status = 'paused', updated_at = $3, attempt = attempt - 1,
+            "UPDATE jobs SET
+                 status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'paused' END,
+                 finished_at = CASE WHEN cancel_requested THEN $3 ELSE finished_at END,
+                 updated_at = $3, attempt = attempt - 1,
                  pause_requested = FALSE, locked_by = NULL, lease_expires_at = NULL
              WHERE id = $1 AND locked_by = $2 AND status = 'running'
              RETURNING {JOB_COLUMNS}"

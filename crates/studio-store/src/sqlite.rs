@@ -518,7 +518,10 @@ impl Store for SqliteStore {
         // Safe under concurrency: the same one-statement ownership guard as complete_job; the
         // job becomes claimable only once this statement commits.
         let sql = format!(
-            "UPDATE jobs SET status = CASE WHEN pause_requested THEN 'paused' ELSE 'queued' END,
+            "UPDATE jobs SET
+                 status = CASE WHEN cancel_requested THEN 'cancelled'
+                               WHEN pause_requested THEN 'paused' ELSE 'queued' END,
+                 finished_at = CASE WHEN cancel_requested THEN ?3 ELSE finished_at END,
                  updated_at = ?3, attempt = attempt - 1, pause_requested = 0,
                  locked_by = NULL, lease_expires_at = NULL
              WHERE {OWNED_BY_WORKER}
@@ -540,7 +543,10 @@ impl Store for SqliteStore {
     ) -> Result<JobRecord, StoreError> {
         // Safe under concurrency: the same one-statement ownership guard as complete_job.
         let sql = format!(
-            "UPDATE jobs SET status = 'paused', updated_at = ?3, attempt = attempt - 1,
+            "UPDATE jobs SET
+                 status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'paused' END,
+                 finished_at = CASE WHEN cancel_requested THEN ?3 ELSE finished_at END,
+                 updated_at = ?3, attempt = attempt - 1,
                  pause_requested = 0, locked_by = NULL, lease_expires_at = NULL
              WHERE {OWNED_BY_WORKER}
              RETURNING {JOB_COLUMNS}"

@@ -77,10 +77,12 @@ pub trait Store: Send + Sync {
         worker_id: &str,
     ) -> Result<JobRecord, StoreError>;
     /// Puts a running job back in the queue, for a worker that shuts down mid-run; the
-    /// attempt does not count. A job whose pause was requested becomes `paused` instead.
+    /// attempt does not count. A job whose cancel was requested becomes `cancelled` instead,
+    /// and one whose pause was requested becomes `paused`.
     async fn release_job(&self, id: &JobId, worker_id: &str) -> Result<JobRecord, StoreError>;
     /// Sets `paused` after the worker checkpointed a run; the attempt does not count, and the
-    /// job waits for [`Store::resume_job`].
+    /// job waits for [`Store::resume_job`]. A cancel requested after the worker's last
+    /// heartbeat wins: the job becomes `cancelled`.
     async fn pause_running_job(&self, id: &JobId, worker_id: &str)
         -> Result<JobRecord, StoreError>;
     /// Ends the attempt of a worker that hit a transient failure, keeping `error` as the job's

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use studio_core::dataset::{parse_dataset, Conversation};
-use studio_core::{FileId, JobSpec};
+use studio_core::{FileId, JobSpec, JobStatus};
 use studio_store::keys::{file_key, final_artifact_prefix, results_csv_key};
 use studio_store::{
     EventLevel, JobError, JobRecord, MetricPoint, NewEvent, PageRequest, Services, StoreError,
@@ -316,9 +316,11 @@ impl JobRun<'_> {
                     "The job was paused; resuming it continues from its latest checkpoint".into(),
                 )
                 .await;
-                self.retry("pause_running_job", || store.pause_running_job(id, worker_id))
+                let job = self
+                    .retry("pause_running_job", || store.pause_running_job(id, worker_id))
                     .await?;
-                tracing::info!("fine-tuning job paused");
+                self.record_cancel_after_stop(job.status).await;
+                tracing::info!(status = %job.status, "fine-tuning job stopped for its pause request");
             }
             Ended::Stopped => {
                 self.event(
@@ -326,9 +328,11 @@ impl JobRun<'_> {
                     "The worker is shutting down; the job goes back to the queue and resumes from its latest checkpoint".into(),
                 )
                 .await;
-                self.retry("release_job", || store.release_job(id, worker_id))
+                let job = self
+                    .retry("release_job", || store.release_job(id, worker_id))
                     .await?;
-                tracing::info!("fine-tuning job released for another worker");
+                self.record_cancel_after_stop(job.status).await;
+                tracing::info!(status = %job.status, "fine-tuning job stopped for the worker shutdown");
             }
             Ended::Failed(error) => {
                 self.event(
@@ -342,6 +346,18 @@ impl JobRun<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Writes an event when the store cancelled a job that this worker paused or released,
+    /// because its cancel was requested after the last heartbeat.
+    async fn record_cancel_after_stop(&self, status: JobStatus) {
+        if status == JobStatus::Cancelled {
+            self.event(
+                EventLevel::Info,
+                "The job was cancelled as requested".into(),
+            )
+            .await;
+        }
     }
 
     /// Runs a store call, retrying while the database is unavailable for up to one lease:

@@ -12,7 +12,7 @@ use studio_core::{CheckpointId, FileId, JobId, JobSpec, JobStatus};
 use studio_store::keys::{checkpoint_prefix, file_key, final_adapter_key, results_csv_key};
 use studio_store::{
     ArtifactStore, Clock, ManualClock, ModelCatalog, NewCheckpoint, NewFile, NewJob, PageRequest,
-    PgStore, Services, SystemClock, RETRY_MAX_DELAY,
+    PgStore, Services, Store, SystemClock, RETRY_MAX_DELAY,
 };
 use studio_train::{
     Approach, ArtifactKind, CheckpointInfo, RunOutcome, SftJob, StepMetrics, StopRequest,
@@ -45,6 +45,12 @@ enum Behaviour {
     /// a request to suspend writes a checkpoint of the last step first.
     RunUntilStopped {
         max_steps: u64,
+    },
+    /// Reports steps until asked to stop, then requests a cancel of `job` through `store`
+    /// before it returns, as a user whose cancel arrives after the worker's last heartbeat.
+    CancelWhenStopped {
+        store: Arc<dyn Store>,
+        job: JobId,
     },
 }
 
@@ -202,6 +208,20 @@ impl Trainer for FakeTrainer {
                                 metrics: step_metrics,
                             });
                         }
+                        return Ok(RunOutcome::Stopped { steps: step, request });
+                    }
+                }
+                panic!("the run was never stopped");
+            }
+            Behaviour::CancelWhenStopped { store, job: cancelled } => {
+                for step in 1..=2000 {
+                    observer.on_step(&metrics(step, 2000));
+                    std::thread::sleep(Duration::from_millis(10));
+                    if let Some(request) = observer.stop_request() {
+                        // The trainer runs on a blocking thread, which may block on the runtime.
+                        tokio::runtime::Handle::current()
+                            .block_on(store.request_cancel(cancelled))
+                            .unwrap();
                         return Ok(RunOutcome::Stopped { steps: step, request });
                     }
                 }
@@ -592,6 +612,33 @@ async fn pause_checkpoints_and_resume_continues_from_it(pool: PgPool) {
     assert_eq!(
         setup.services.store.get_job(&id).await.unwrap().status,
         JobStatus::Succeeded
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn cancel_after_last_heartbeat_wins_over_release(pool: PgPool) {
+    let mut setup = setup(pool).await;
+    // No heartbeat comes after the claim, so the worker itself never learns of the cancel.
+    setup.settings.heartbeat_interval = Duration::from_secs(3600);
+    let id = setup.queue_job("tiny").await;
+    let worker = setup.worker(Behaviour::CancelWhenStopped {
+        store: setup.services.store.clone(),
+        job: id.clone(),
+    });
+    // The worker is shutting down from the start, so the run stops after its first step.
+    let (_stop, stopped) = watch::channel(true);
+
+    worker.run_next_job(stopped).await.unwrap();
+    let job = setup.services.store.get_job(&id).await.unwrap();
+    let messages = setup.event_messages(&id).await;
+
+    assert_eq!(job.status, JobStatus::Cancelled, "{messages:?}");
+    assert!(job.finished_at.is_some());
+    assert_eq!(job.locked_by, None);
+    assert_eq!(
+        messages.last().map(String::as_str),
+        Some("The job was cancelled as requested"),
+        "{messages:?}"
     );
 }
 

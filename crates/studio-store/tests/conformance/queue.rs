@@ -435,6 +435,37 @@ pub async fn release_of_pause_requested_job_pauses_it(f: &Fixture) {
     assert_eq!(job.attempt, 0);
 }
 
+pub async fn pause_running_job_after_cancel_request_cancels(f: &Fixture) {
+    let id = f.queue_job().await;
+    f.claim("w1").await;
+    f.store.request_pause(&id).await.unwrap();
+    // The cancel comes after the worker's last heartbeat, which reported only the pause.
+    f.store.request_cancel(&id).await.unwrap();
+
+    let job = f.store.pause_running_job(&id, "w1").await.unwrap();
+    let resumed = f.store.resume_job(&id).await;
+
+    assert_eq!(job.status, JobStatus::Cancelled, "a requested cancel wins over the pause");
+    assert_eq!(job.finished_at, Some(f.clock.now()));
+    assert_eq!(job.locked_by, None);
+    assert!(!job.pause_requested);
+    assert!(resumed.is_err(), "a cancelled job must not be resumed: {resumed:?}");
+}
+
+pub async fn release_of_cancel_requested_job_cancels_it(f: &Fixture) {
+    let id = f.queue_job().await;
+    f.claim("w1").await;
+    f.store.request_cancel(&id).await.unwrap();
+
+    let job = f.store.release_job(&id, "w1").await.unwrap();
+    let claimed = f.store.claim_job("w2", LEASE).await.unwrap();
+
+    assert_eq!(job.status, JobStatus::Cancelled, "a requested cancel wins over the release");
+    assert_eq!(job.finished_at, Some(f.clock.now()));
+    assert_eq!(job.locked_by, None);
+    assert!(claimed.is_none(), "a cancelled job must not be claimed: {claimed:?}");
+}
+
 pub async fn cancel_of_paused_job_is_immediate(f: &Fixture) {
     let id = f.queue_job().await;
     f.store.request_pause(&id).await.unwrap();

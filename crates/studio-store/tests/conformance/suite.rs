@@ -90,6 +90,8 @@ macro_rules! conformance_cases {
             resume_of_unpaused_job_is_conflict,
             rescue_pauses_job_with_pause_request,
             release_of_pause_requested_job_pauses_it,
+            pause_running_job_after_cancel_request_cancels,
+            release_of_cancel_requested_job_cancels_it,
             cancel_of_paused_job_is_immediate,
             cancel_of_backing_off_job_is_immediate,
             idempotent_insert_returns_first_job,
