@@ -33,7 +33,9 @@ pub async fn serve_api(
     let addr = listener.local_addr().context("failed to read the listening address")?;
     tracing::info!(%addr, "REST API listening");
 
-    axum::serve(listener, studio_api::app(services))
+    // Open event streams end when `shutdown` is cancelled, so the graceful shutdown below
+    // waits only for requests that finish by themselves.
+    axum::serve(listener, studio_api::app_with_shutdown(services, shutdown.clone()))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .context("the REST API server failed")?;

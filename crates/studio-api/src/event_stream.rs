@@ -20,6 +20,7 @@ use serde_json::json;
 use studio_core::{EventId, JobId};
 use studio_store::{EventRecord, EventSubscription, JobRecord, Services, Store, StoreError};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::ApiError;
@@ -44,12 +45,18 @@ const TRAILING_EVENT_GRACE: Duration = Duration::from_secs(1);
 
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
+/// The token cancelled when the server shuts down. Every open stream then ends without a
+/// `done` message, and its client resumes by reconnecting with `Last-Event-ID`.
+#[derive(Clone, Debug)]
+pub struct StreamShutdown(pub CancellationToken);
+
 /// Serves a stream request: checks the job and `Last-Event-ID` (404 and 400 come as usual
 /// error responses), then returns the event stream.
 pub async fn respond(
     services: Services,
     job_id: &str,
     headers: &HeaderMap,
+    shutdown: StreamShutdown,
 ) -> Result<Response, ApiError> {
     let job = find_job(&services, job_id).await?;
     let after = last_event_id(headers, &job.id)?;
@@ -71,7 +78,7 @@ pub async fn respond(
     };
     tracing::debug!(job_id = %job.id, last_event_id = ?after, "event stream opened");
 
-    let feed = EventFeed::new(store, &job, after, first, subscription);
+    let feed = EventFeed::new(store, &job, after, first, subscription, shutdown.0);
     let response =
         Sse::new(feed.into_stream()).keep_alive(KeepAlive::new().interval(KEEP_ALIVE_INTERVAL));
     // `X-Accel-Buffering: no` stops nginx from holding the stream back in its buffer.
@@ -123,6 +130,7 @@ struct EventFeed {
     /// finds no new event ends the stream.
     done_at: Option<Instant>,
     finished: bool,
+    shutdown: CancellationToken,
 }
 
 impl EventFeed {
@@ -132,6 +140,7 @@ impl EventFeed {
         after: Option<EventId>,
         first: Vec<EventRecord>,
         subscription: EventSubscription,
+        shutdown: CancellationToken,
     ) -> Self {
         let mut poll = tokio::time::interval_at(Instant::now() + POLL_INTERVAL, POLL_INTERVAL);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -145,6 +154,7 @@ impl EventFeed {
             poll,
             done_at: job.status.is_terminal().then(|| done_deadline(job)),
             finished: false,
+            shutdown,
         }
     }
 
@@ -163,6 +173,11 @@ impl EventFeed {
     /// after the last message.
     async fn next(&mut self) -> Option<Event> {
         loop {
+            // Unsent events are not lost: the client's reconnect resumes after the last one sent.
+            if self.shutdown.is_cancelled() {
+                tracing::debug!(job_id = %self.job_id, "event stream closed for the server shutdown");
+                return None;
+            }
             if let Some(event) = self.pending.pop_front() {
                 let message = Event::default()
                     .id(event.id.as_str())
@@ -204,8 +219,8 @@ impl EventFeed {
         Ok(())
     }
 
-    /// Waits for a notification for this job, a poll tick or the end of the grace after the
-    /// job finished, and marks a read as due.
+    /// Waits for a notification for this job, a poll tick, the end of the grace after the job
+    /// finished or the server shutdown, and marks a read as due.
     async fn wait(&mut self) -> Result<(), StoreError> {
         let job_id = &self.job_id;
         let subscription = &mut self.subscription;
@@ -215,6 +230,7 @@ impl EventFeed {
                 None => std::future::pending().await,
             }
         };
+        let shutdown = self.shutdown.clone();
         let done_at = self.done_at;
         let grace_over = async {
             match done_at {
@@ -230,6 +246,7 @@ impl EventFeed {
             }
             _ = self.poll.tick() => self.check_status().await?,
             _ = grace_over => {}
+            _ = shutdown.cancelled() => {}
         }
         self.read_due = true;
         Ok(())

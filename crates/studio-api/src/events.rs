@@ -6,13 +6,13 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use studio_store::{EventRecord, Services};
 
 use crate::error::ApiError;
-use crate::event_stream;
+use crate::event_stream::{self, StreamShutdown};
 use crate::extract::IdPath;
 use crate::jobs::find_job;
 use crate::pagination::{list_object, ListQuery};
@@ -43,6 +43,7 @@ struct EventsQuery {
 
 async fn list_events(
     State(services): State<Services>,
+    Extension(shutdown): Extension<StreamShutdown>,
     IdPath(job_id): IdPath,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, QueryRejection>,
@@ -57,7 +58,7 @@ async fn list_events(
                 "invalid_query",
             ));
         }
-        return event_stream::respond(services, &job_id, &headers).await;
+        return event_stream::respond(services, &job_id, &headers, shutdown).await;
     }
     let page = query.page.page_request()?;
     let job = find_job(&services, &job_id).await?;

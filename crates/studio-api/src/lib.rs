@@ -22,8 +22,10 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderName;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::Router;
+use axum::{Extension, Router};
+use event_stream::StreamShutdown;
 use studio_store::Services;
+use tokio_util::sync::CancellationToken;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -37,6 +39,13 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Builds the full router: every resource, request ids, tracing and server-error logging.
 pub fn app(services: Services) -> Router {
+    app_with_shutdown(services, CancellationToken::new())
+}
+
+/// Builds the router like [`app`], and ends every open event stream once `shutdown` is
+/// cancelled. A graceful shutdown waits for open responses, and a stream of a job that has not
+/// finished would otherwise keep it waiting until the client disconnects.
+pub fn app_with_shutdown(services: Services, shutdown: CancellationToken) -> Router {
     Router::new()
         .merge(files::router())
         .merge(jobs::router())
@@ -52,6 +61,7 @@ pub fn app(services: Services) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // A route's own limit, such as the upload's, wins over this one.
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY_BYTES))
+        .layer(Extension(StreamShutdown(shutdown)))
         .layer(middleware::from_fn(log_server_errors))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

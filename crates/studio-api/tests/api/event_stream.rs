@@ -16,6 +16,8 @@ use studio_store::{
     SystemClock,
 };
 
+use tokio_util::sync::CancellationToken;
+
 use super::CHAT_LINE;
 
 /// How long a case waits for the next stream message before it fails. The stream re-reads
@@ -33,6 +35,8 @@ struct Server {
     services: Services,
     client: reqwest::Client,
     task: tokio::task::JoinHandle<()>,
+    /// Starts the server's graceful shutdown.
+    shutdown: CancellationToken,
     _dir: tempfile::TempDir,
 }
 
@@ -52,9 +56,14 @@ async fn serve(store: Arc<dyn Store>, dir: tempfile::TempDir) -> Server {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let app = studio_api::app(services.clone());
+    let shutdown = CancellationToken::new();
+    let app = studio_api::app_with_shutdown(services.clone(), shutdown.clone());
+    let stop = shutdown.clone();
     let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+            .unwrap();
     });
     Server {
         base: format!("http://{address}"),
@@ -62,6 +71,7 @@ async fn serve(store: Arc<dyn Store>, dir: tempfile::TempDir) -> Server {
         // Without a proxy from the environment: the server is on this machine.
         client: reqwest::Client::builder().no_proxy().build().unwrap(),
         task,
+        shutdown,
         _dir: dir,
     }
 }
@@ -401,6 +411,23 @@ async fn stream_ends_with_done_after_job_finishes(server: Server) {
     );
 }
 
+async fn stream_ends_on_server_shutdown(mut server: Server) {
+    let id = server.queued_job().await;
+    let mut stream = server.stream(&id, None).await;
+    let created = stream.events(1).await;
+
+    server.shutdown.cancel();
+    let after_shutdown = stream.next().await;
+    let stopped = tokio::time::timeout(MESSAGE_TIMEOUT, &mut server.task).await;
+
+    assert_eq!(created.len(), 1);
+    assert_eq!(after_shutdown, None, "the stream of a queued job ends at shutdown");
+    assert!(
+        stopped.is_ok(),
+        "the server did not stop within {MESSAGE_TIMEOUT:?} of its shutdown"
+    );
+}
+
 async fn stream_rejects_bad_last_event_id(server: Server) {
     let id = server.queued_job().await;
     let other = server.queued_job().await;
@@ -483,6 +510,7 @@ stream_cases!(
     stream_sends_existing_then_live_events,
     stream_resumes_after_last_event_id,
     stream_ends_with_done_after_job_finishes,
+    stream_ends_on_server_shutdown,
     stream_rejects_bad_last_event_id,
     stream_rejects_bad_query,
 );
