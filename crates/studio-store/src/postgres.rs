@@ -623,9 +623,26 @@ impl Store for PgStore {
         job_id: &JobId,
         page: &PageRequest,
     ) -> Result<Page<EventRecord>, StoreError> {
-        let before = self
-            .seq_after("job_events", "event", page.after.as_deref())
-            .await?;
+        // An event of another job is not found, like an unknown one: its position would page
+        // this job's events from an unrelated point.
+        let before = match page.after.as_deref() {
+            None => i64::MAX,
+            Some(after) => {
+                // Postgres text cannot hold NUL, so the query would fail; no stored id contains one.
+                let seq: Option<i64> = if after.contains('\0') {
+                    None
+                } else {
+                    sqlx::query_scalar("SELECT seq FROM job_events WHERE id = $1 AND job_id = $2")
+                        .bind(after)
+                        .bind(job_id.as_str())
+                        .fetch_optional(&self.pool)
+                        .await?
+                };
+                seq.ok_or_else(|| {
+                    StoreError::not_found("event", format!("{after} of fine-tuning job {job_id}"))
+                })?
+            }
+        };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
         );

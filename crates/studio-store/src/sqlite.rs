@@ -643,9 +643,22 @@ impl Store for SqliteStore {
         job_id: &JobId,
         page: &PageRequest,
     ) -> Result<Page<EventRecord>, StoreError> {
-        let before = self
-            .seq_after("job_events", "event", page.after.as_deref())
-            .await?;
+        // An event of another job is not found, like an unknown one: its position would page
+        // this job's events from an unrelated point.
+        let before = match page.after.as_deref() {
+            None => i64::MAX,
+            Some(after) => {
+                let seq: Option<i64> =
+                    sqlx::query_scalar("SELECT seq FROM job_events WHERE id = ?1 AND job_id = ?2")
+                        .bind(after)
+                        .bind(job_id.as_str())
+                        .fetch_optional(&self.pool)
+                        .await?;
+                seq.ok_or_else(|| {
+                    StoreError::not_found("event", format!("{after} of fine-tuning job {job_id}"))
+                })?
+            }
+        };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
         );

@@ -56,6 +56,7 @@ macro_rules! conformance_cases {
             page_after_unknown_id_is_not_found,
             page_after_id_with_nul_is_not_found,
             events_page_newest_first,
+            events_page_after_foreign_id_is_not_found,
             event_keeps_level_type_and_data,
             events_since_list_oldest_first,
             events_since_unknown_or_foreign_id_is_not_found,
@@ -449,6 +450,27 @@ pub async fn page_after_id_with_nul_is_not_found(f: &Fixture) {
     assert!(matches!(files, StoreError::NotFound { .. }), "{files:?}");
     assert!(matches!(jobs, StoreError::NotFound { .. }), "{jobs:?}");
     assert!(matches!(events, StoreError::NotFound { .. }), "{events:?}");
+}
+
+pub async fn events_page_after_foreign_id_is_not_found(f: &Fixture) {
+    let id = f.queue_job().await;
+    let other = f.queue_job().await;
+    let mut inserted = Vec::new();
+    for job in [&id, &other, &id] {
+        let event = NewEvent::message(job, EventLevel::Info, format!("event of {job}"));
+        inserted.push(f.store.insert_event(&event).await.unwrap());
+    }
+    let foreign = PageRequest {
+        after: Some(inserted[1].id.to_string()),
+        limit: 10,
+    };
+
+    let result = f.store.list_events(&id, &foreign).await;
+
+    let Err(err) = result else {
+        panic!("a page after an event of another job was listed: {result:?}");
+    };
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
 }
 
 pub async fn events_page_newest_first(f: &Fixture) {
