@@ -6,6 +6,10 @@
 //! staging file `NAME#N` beside the target and renames it into place. Listings leave staging
 //! files out, and keys cannot name them. In a bucket, an upload becomes visible only when it
 //! completes.
+//!
+//! NOTE: a process killed mid-write (SIGKILL, power loss) leaves its staging file `NAME#N`, or
+//! its incomplete multipart upload in a bucket, behind, and nothing here removes it. A bucket
+//! lifecycle rule that aborts incomplete multipart uploads cleans up the latter.
 
 mod location;
 mod writer;
