@@ -196,7 +196,13 @@ async fn cancel_job(
     let id = parse_path_id(&job_id, JobId::parse)?;
     let job = match services.store.request_cancel(&id).await? {
         CancelOutcome::Cancelled(job) => {
-            let event = NewEvent::message(&job.id, EventLevel::Info, "Fine-tuning job cancelled before it started");
+            // A paused job, or one waiting to retry, has run before.
+            let message = if job.started_at.is_none() {
+                "Fine-tuning job cancelled before it started"
+            } else {
+                "Fine-tuning job cancelled while no worker was running it"
+            };
+            let event = NewEvent::message(&job.id, EventLevel::Info, message);
             services.store.insert_event(&event).await?;
             job
         }

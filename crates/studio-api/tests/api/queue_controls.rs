@@ -135,6 +135,33 @@ async fn pause_of_running_job_is_requested(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../../migrations")]
+async fn cancel_of_paused_job_after_steps(pool: PgPool) {
+    let app = test_app(pool);
+    let id = app.queued_job_id().await;
+    let job_id = JobId::parse(&id).unwrap();
+    let store = &app.services.store;
+    store.claim_job("w1", Duration::from_secs(60)).await.unwrap().unwrap();
+    store.request_pause(&job_id).await.unwrap();
+    store.pause_running_job(&job_id, "w1").await.unwrap();
+
+    let response = app
+        .post_json(&format!("/v1/fine_tuning/jobs/{id}/cancel"), json!({}))
+        .await;
+    let events = app
+        .get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=1"))
+        .await
+        .json();
+
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.json()["status"], "cancelled");
+    assert_eq!(
+        events["data"][0]["message"],
+        "Fine-tuning job cancelled while no worker was running it",
+        "a job that ran steps did not get cancelled before it started"
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
 async fn pause_of_finished_or_unknown_job_is_rejected(pool: PgPool) {
     let app = test_app(pool);
     let id = app.queued_job_id().await;
