@@ -90,6 +90,8 @@ pub struct JobSpec {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Method {
     Supervised { supervised: SupervisedMethod },
+    /// Direct preference optimisation on chosen and rejected responses.
+    Dpo { dpo: DpoMethod },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -134,6 +136,24 @@ pub struct Hyperparameters {
     /// Checkpoints spread evenly over the run, the last at the final step.
     #[serde(default = "one_u64")]
     pub n_checkpoints: u64,
+}
+
+/// The default strength of DPO's implicit KL penalty.
+pub const DPO_DEFAULT_BETA: f64 = 0.1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpoMethod {
+    pub hyperparameters: DpoHyperparameters,
+}
+
+/// Resolved DPO hyperparameters: the supervised ones plus `beta`, in one flat object as OpenAI
+/// echoes them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DpoHyperparameters {
+    #[serde(flatten)]
+    pub common: Hyperparameters,
+    /// Scales the log-probability ratios in the loss; larger keeps the policy nearer the base.
+    pub beta: f64,
 }
 
 fn one_u32() -> u32 {
@@ -260,6 +280,15 @@ impl JobSpec {
     pub fn hyperparameters(&self) -> &Hyperparameters {
         match &self.method {
             Method::Supervised { supervised } => &supervised.hyperparameters,
+            Method::Dpo { dpo } => &dpo.hyperparameters.common,
+        }
+    }
+
+    /// Returns DPO's `beta`, or `None` for other methods.
+    pub fn dpo_beta(&self) -> Option<f64> {
+        match &self.method {
+            Method::Dpo { dpo } => Some(dpo.hyperparameters.beta),
+            _ => None,
         }
     }
 
@@ -531,7 +560,8 @@ fn method(body: &Map<String, Value>, default_lr: f64) -> Result<Method, SpecErro
     };
     match method_type {
         "supervised" => {}
-        "dpo" | "distillation" => {
+        "dpo" => return dpo_method(method, default_lr),
+        "distillation" => {
             return Err(SpecError::unsupported(
                 "method.type",
                 format!("method.type '{method_type}' is not supported yet; use 'supervised'"),
@@ -575,6 +605,38 @@ fn method(body: &Map<String, Value>, default_lr: f64) -> Result<Method, SpecErro
     let hyperparameters = hyperparameters(source, at, default_lr)?;
     Ok(Method::Supervised {
         supervised: SupervisedMethod { hyperparameters },
+    })
+}
+
+/// Parses `method.dpo.hyperparameters`: the supervised knobs plus `beta`.
+fn dpo_method(method: &Map<String, Value>, default_lr: f64) -> Result<Method, SpecError> {
+    reject_unknown_keys(method, "method", &["type", "dpo"])?;
+    let at = "method.dpo.hyperparameters";
+    let empty = Map::new();
+    let object = match present(method, "dpo") {
+        None => &empty,
+        Some(Value::Object(dpo)) => {
+            reject_unknown_keys(dpo, "method.dpo", &["hyperparameters"])?;
+            match present(dpo, "hyperparameters") {
+                None => &empty,
+                Some(Value::Object(object)) => object,
+                Some(_) => return Err(SpecError::invalid(at, format!("'{at}' must be an object"))),
+            }
+        }
+        Some(_) => return Err(SpecError::invalid("method.dpo", "'method.dpo' must be an object")),
+    };
+    let known: Vec<&str> = HYPERPARAMETER_KEYS.iter().copied().chain(["beta"]).collect();
+    reject_unknown_keys(object, at, &known)?;
+    let mut common_keys = object.clone();
+    let beta = Knobs { object, at }
+        .number("beta", Range::open_closed(0.0, 10.0))?
+        .unwrap_or(DPO_DEFAULT_BETA);
+    common_keys.remove("beta");
+    let common = hyperparameters(Some(&Value::Object(common_keys)), at, default_lr)?;
+    Ok(Method::Dpo {
+        dpo: DpoMethod {
+            hyperparameters: DpoHyperparameters { common, beta },
+        },
     })
 }
 
@@ -1055,8 +1117,50 @@ mod tests {
     }
 
     #[test]
-    fn dpo_and_distillation_are_unsupported() {
-        for method in ["dpo", "distillation"] {
+    fn dpo_reads_beta_and_shared_hyperparameters() {
+        let body = with(
+            minimal(),
+            "method",
+            json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2, "max_seq_len": 256}}}),
+        );
+        let spec = parse(body).unwrap();
+        assert_eq!(spec.dpo_beta(), Some(0.25));
+        assert_eq!(spec.hyperparameters().n_epochs, 2);
+        assert_eq!(spec.hyperparameters().max_seq_len, 256);
+        let echoed = serde_json::to_value(&spec.method).unwrap();
+        assert_eq!(echoed["type"], "dpo");
+        assert_eq!(echoed["dpo"]["hyperparameters"]["beta"], 0.25);
+        assert_eq!(echoed["dpo"]["hyperparameters"]["n_epochs"], 2);
+        let back: Method = serde_json::from_value(echoed).unwrap();
+        assert_eq!(back, spec.method);
+    }
+
+    #[test]
+    fn dpo_beta_defaults_and_accepts_auto() {
+        for method in [json!({"type": "dpo"}), json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": "auto"}}})] {
+            let spec = parse(with(minimal(), "method", method)).unwrap();
+            assert_eq!(spec.dpo_beta(), Some(DPO_DEFAULT_BETA));
+            assert_eq!(spec.hyperparameters().n_epochs, 3);
+        }
+        let full = with(minimal(), "training_type", json!({"type": "full"}));
+        let spec = parse(with(full, "method", json!({"type": "dpo"}))).unwrap();
+        assert_eq!(spec.training_type, TrainingType::Full);
+        assert_eq!(spec.hyperparameters().learning_rate, FULL_DEFAULT_LEARNING_RATE);
+    }
+
+    #[test]
+    fn dpo_rejects_bad_beta_and_unknown_keys() {
+        let err = parse(with(minimal(), "method", json!({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}))).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("method.dpo.hyperparameters.beta"));
+        let err = parse(with(minimal(), "method", json!({"type": "dpo", "dpo": {"hyperparameters": {"betta": 1}}}))).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("method.dpo.hyperparameters.betta"));
+        let err = parse(with(minimal(), "method", json!({"type": "dpo", "supervised": {}}))).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("method.supervised"));
+    }
+
+    #[test]
+    fn distillation_is_unsupported() {
+        for method in ["distillation"] {
             let err = parse(with(minimal(), "method", json!({"type": method}))).unwrap_err();
             assert_eq!(err.kind, SpecErrorKind::Unsupported);
             assert_eq!(err.param.as_deref(), Some("method.type"));
