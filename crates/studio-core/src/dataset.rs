@@ -48,6 +48,9 @@ pub enum DatasetFormat {
     PromptCompletion,
     /// Alpaca: `{"instruction", "input"?, "output"}`.
     Alpaca,
+    /// Preference pairs for DPO: OpenAI's `{"input": {"messages"}, "preferred_output",
+    /// "non_preferred_output"}` or `{"prompt", "chosen", "rejected"}` (see [`PreferencePair`]).
+    Preference,
 }
 
 impl DatasetFormat {
@@ -56,6 +59,7 @@ impl DatasetFormat {
             DatasetFormat::Chat => "chat",
             DatasetFormat::PromptCompletion => "prompt_completion",
             DatasetFormat::Alpaca => "alpaca",
+            DatasetFormat::Preference => "preference",
         }
     }
 
@@ -65,6 +69,7 @@ impl DatasetFormat {
             DatasetFormat::Chat,
             DatasetFormat::PromptCompletion,
             DatasetFormat::Alpaca,
+            DatasetFormat::Preference,
         ]
         .into_iter()
         .find(|format| format.as_str() == name)
@@ -120,6 +125,12 @@ pub enum LineProblem {
     AllWeightsZero,
     #[error("the last turn is from the {0}; it must be from the assistant")]
     LastTurnNotAssistant(&'static str),
+    #[error("field '{0}' is an empty response")]
+    EmptyResponse(String),
+    #[error("fields '{0}' and '{1}' are the same text, so the pair prefers nothing")]
+    IdenticalResponses(String, String),
+    #[error("the last turn of '{0}' is from the {1}; a prompt must end with a user turn")]
+    PromptNotEndingWithUser(String, &'static str),
 }
 
 /// One valid line converted to a conversation.
@@ -144,6 +155,7 @@ pub fn parse_line(line: usize, text: &str) -> Result<ParsedLine, LineError> {
         DatasetFormat::Chat => parse_chat(&object),
         DatasetFormat::PromptCompletion => parse_prompt_completion(&object),
         DatasetFormat::Alpaca => parse_alpaca(&object),
+        DatasetFormat::Preference => parse_preference(&object).map(|(pair, unknown)| (pair.as_chosen_conversation(), unknown)),
     }
     .map_err(at)?;
     Ok(ParsedLine {
@@ -254,7 +266,9 @@ type Object = serde_json::Map<String, serde_json::Value>;
 
 fn detect_format(object: &Object) -> Result<DatasetFormat, LineProblem> {
     let has = |key| object.contains_key(key);
-    if has("messages") {
+    if PREFERENCE_KEYS.iter().any(|key| has(*key)) {
+        Ok(DatasetFormat::Preference)
+    } else if has("messages") {
         Ok(DatasetFormat::Chat)
     } else if has("prompt") || has("completion") {
         Ok(DatasetFormat::PromptCompletion)
@@ -386,6 +400,147 @@ fn parse_alpaca(object: &Object) -> Result<(Conversation, usize), LineProblem> {
         conversation,
         count_unknown(object, &["instruction", "input", "output"]),
     ))
+}
+
+/// Keys that mark a line as a preference pair.
+const PREFERENCE_KEYS: [&str; 4] = ["chosen", "rejected", "preferred_output", "non_preferred_output"];
+
+/// One DPO example: a prompt and two replies to it, the preferred one first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PreferencePair {
+    /// The conversation so far, ending with a user turn.
+    pub prompt: Vec<Message>,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+impl PreferencePair {
+    /// Returns the prompt followed by the chosen reply, as a supervised conversation.
+    pub fn as_chosen_conversation(&self) -> Conversation {
+        let mut messages = self.prompt.clone();
+        messages.push(turn(Role::Assistant, self.chosen.clone()));
+        Conversation { messages }
+    }
+}
+
+/// Parses one preference line: OpenAI's format, whose `input.messages` is the prompt and whose
+/// `preferred_output` and `non_preferred_output` each hold one assistant message, or
+/// `{"prompt", "chosen", "rejected"}` with `prompt` a string (one user turn) or a message list;
+/// a `prompt_messages` list there takes precedence over `prompt`.
+pub fn parse_preference_line(line: usize, text: &str) -> Result<PreferencePair, LineError> {
+    let at = |problem| LineError { line, problem };
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|err| at(LineProblem::NotJson(err.to_string())))?;
+    let serde_json::Value::Object(object) = value else {
+        return Err(at(LineProblem::NotObject(type_name(&value))));
+    };
+    parse_preference(&object).map(|(pair, _)| pair).map_err(at)
+}
+
+/// Parses a whole preference dataset held in memory. Blank lines are skipped but counted.
+pub fn parse_preference_dataset(bytes: &[u8]) -> Result<Vec<PreferencePair>, DatasetError> {
+    let mut pairs = Vec::new();
+    for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let text = std::str::from_utf8(line).map_err(|_| DatasetError::NotUtf8(index + 1))?;
+        let text = text.strip_suffix('\r').unwrap_or(text);
+        let text = if index == 0 { text.strip_prefix('\u{feff}').unwrap_or(text) } else { text };
+        if text.trim().is_empty() {
+            continue;
+        }
+        pairs.push(parse_preference_line(index + 1, text)?);
+    }
+    if pairs.is_empty() {
+        return Err(DatasetError::Empty(EmptyDataset));
+    }
+    Ok(pairs)
+}
+
+fn parse_preference(object: &Object) -> Result<(PreferencePair, usize), LineProblem> {
+    let openai = object.contains_key("preferred_output") || object.contains_key("non_preferred_output") || object.contains_key("input");
+    let (prompt, chosen, rejected, unknown) = if openai {
+        let input = match field(object, "input", "input")? {
+            serde_json::Value::Object(input) => input,
+            other => return Err(wrong_type("input", "an object with messages", other)),
+        };
+        let prompt = message_list(field(input, "messages", "input.messages")?, "input.messages")?;
+        let chosen = output_text(object, "preferred_output")?;
+        let rejected = output_text(object, "non_preferred_output")?;
+        let unknown = count_unknown(object, &["input", "preferred_output", "non_preferred_output"])
+            + count_unknown(input, &["messages", "tools", "parallel_tool_calls"]);
+        (prompt, (chosen, "preferred_output"), (rejected, "non_preferred_output"), unknown)
+    } else {
+        let prompt = match object.get("prompt_messages") {
+            Some(value) if !value.is_null() => message_list(value, "prompt_messages")?,
+            _ => match field(object, "prompt", "prompt")? {
+                serde_json::Value::String(text) => vec![turn(Role::User, text.clone())],
+                list @ serde_json::Value::Array(_) => message_list(list, "prompt")?,
+                other => return Err(wrong_type("prompt", "a string or a list of messages", other)),
+            },
+        };
+        let chosen = string(object, "chosen", "chosen")?;
+        let rejected = string(object, "rejected", "rejected")?;
+        let unknown = count_unknown(object, &["prompt", "prompt_messages", "chosen", "rejected"]);
+        (prompt, (chosen, "chosen"), (rejected, "rejected"), unknown)
+    };
+    for (text, path) in [&chosen, &rejected] {
+        if text.trim().is_empty() {
+            return Err(LineProblem::EmptyResponse((*path).into()));
+        }
+    }
+    if chosen.0 == rejected.0 {
+        return Err(LineProblem::IdenticalResponses(chosen.1.into(), rejected.1.into()));
+    }
+    let pair = PreferencePair {
+        prompt,
+        chosen: chosen.0,
+        rejected: rejected.0,
+    };
+    Ok((pair, unknown))
+}
+
+/// Parses a prompt given as a list of messages, which must end with a user turn.
+fn message_list(value: &serde_json::Value, path: &str) -> Result<Vec<Message>, LineProblem> {
+    let serde_json::Value::Array(items) = value else {
+        return Err(wrong_type(path, "a list of messages", value));
+    };
+    if items.is_empty() {
+        return Err(LineProblem::EmptyMessages(path.into()));
+    }
+    let mut messages = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let item_path = format!("{path}[{index}]");
+        let serde_json::Value::Object(turn) = item else {
+            return Err(wrong_type(&item_path, "an object", item));
+        };
+        messages.push(parse_message(turn, &item_path)?);
+    }
+    let last = messages.last().map(|m| m.role).unwrap_or(Role::User);
+    if last != Role::User {
+        return Err(LineProblem::PromptNotEndingWithUser(path.into(), last.as_str()));
+    }
+    Ok(messages)
+}
+
+/// Returns the text of OpenAI's `preferred_output` or `non_preferred_output`, a list that
+/// contains one assistant message.
+fn output_text(object: &Object, key: &str) -> Result<String, LineProblem> {
+    let value = field(object, key, key)?;
+    let serde_json::Value::Array(items) = value else {
+        return Err(wrong_type(key, "a list with one assistant message", value));
+    };
+    let path = format!("{key}[0]");
+    let Some(first) = items.first() else {
+        return Err(LineProblem::EmptyMessages(key.into()));
+    };
+    let serde_json::Value::Object(message) = first else {
+        return Err(wrong_type(&path, "an object", first));
+    };
+    let content_path = format!("{path}.content");
+    let content = string(message, "content", &content_path)?;
+    if content.trim().is_empty() {
+        return Err(LineProblem::EmptyResponse(content_path));
+    }
+    Ok(content)
 }
 
 fn turn(role: Role, content: String) -> Message {
@@ -614,6 +769,62 @@ mod tests {
             second,
             Err(DatasetError::Line(LineError { line: 2, .. }))
         ));
+    }
+
+    #[test]
+    fn preference_formats_parse_to_one_pair() {
+        let openai = r#"{"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "assistant", "content": "Hello!"}], "non_preferred_output": [{"role": "assistant", "content": "Go away."}]}"#;
+        let plain = r#"{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}"#;
+        let listed = r#"{"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away."}"#;
+        let preferred = r#"{"prompt": "ignored", "prompt_messages": [{"role": "user", "content": "Hi"}], "chosen": "Hello!", "rejected": "Go away."}"#;
+        let expected = PreferencePair {
+            prompt: vec![turn(Role::User, "Hi".into())],
+            chosen: "Hello!".into(),
+            rejected: "Go away.".into(),
+        };
+        for text in [openai, plain, listed, preferred] {
+            assert_eq!(parse_preference_line(1, text).unwrap(), expected, "{text}");
+            let parsed = parse_line(1, text).unwrap();
+            assert_eq!(parsed.format, DatasetFormat::Preference);
+            assert_eq!(parsed.conversation.messages.last().unwrap().content, "Hello!");
+        }
+    }
+
+    #[test]
+    fn bad_preference_lines_name_line_and_field() {
+        let cases = [
+            (r#"{"prompt": "Hi", "chosen": "Hello!"}"#, "line 3: missing required field 'rejected'"),
+            (r#"{"prompt": "Hi", "chosen": " ", "rejected": "No"}"#, "line 3: field 'chosen' is an empty response"),
+            (r#"{"prompt": "Hi", "chosen": "Yes", "rejected": ""}"#, "line 3: field 'rejected' is an empty response"),
+            (r#"{"prompt": "Hi", "chosen": "Same", "rejected": "Same"}"#, "line 3: fields 'chosen' and 'rejected' are the same text, so the pair prefers nothing"),
+            (
+                r#"{"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "assistant", "content": ""}], "non_preferred_output": [{"role": "assistant", "content": "No"}]}"#,
+                "line 3: field 'preferred_output[0].content' is an empty response",
+            ),
+            (
+                r#"{"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "assistant", "content": "Yes"}]}"#,
+                "line 3: missing required field 'non_preferred_output'",
+            ),
+            (
+                r#"{"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "chosen": "A", "rejected": "B"}"#,
+                "line 3: the last turn of 'prompt' is from the assistant; a prompt must end with a user turn",
+            ),
+        ];
+        for (text, message) in cases {
+            assert_eq!(parse_preference_line(3, text).unwrap_err().to_string(), message);
+        }
+        let mut validator = DatasetValidator::new();
+        validator.push_line(r#"{"prompt": "Hi", "chosen": "A", "rejected": "B"}"#).unwrap();
+        let err = validator.push_line(r#"{"prompt": "Hi", "chosen": "A"}"#).unwrap_err();
+        assert_eq!(err.to_string(), "line 2: missing required field 'rejected'");
+    }
+
+    #[test]
+    fn shared_preference_file_parses() {
+        let bytes = std::fs::read("../../../shared/data/pref_oasst.jsonl").expect("../shared/data/pref_oasst.jsonl is readable from the crate folder");
+        let pairs = parse_preference_dataset(&bytes).unwrap();
+        assert_eq!(pairs.len(), 348);
+        assert_eq!(pairs[0].prompt, vec![turn(Role::User, "Write a song about Angela Merkel in the style of The Beatles.".into())]);
     }
 
     #[test]
