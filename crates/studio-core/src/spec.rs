@@ -92,6 +92,8 @@ pub enum Method {
     Supervised { supervised: SupervisedMethod },
     /// Direct preference optimisation on chosen and rejected responses.
     Dpo { dpo: DpoMethod },
+    /// Knowledge distillation from a teacher model into the job's model, the student.
+    Distillation { distillation: DistillationMethod },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -154,6 +156,34 @@ pub struct DpoHyperparameters {
     pub common: Hyperparameters,
     /// Scales the log-probability ratios in the loss; larger keeps the policy nearer the base.
     pub beta: f64,
+}
+
+/// The default softmax temperature of distillation.
+pub const DISTILLATION_DEFAULT_TEMPERATURE: f64 = 2.0;
+/// The default share of the distillation term in the loss; the rest is cross-entropy.
+pub const DISTILLATION_DEFAULT_KD_WEIGHT: f64 = 0.5;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DistillationMethod {
+    /// A base model name or a succeeded job's `fine_tuned_model`.
+    pub teacher_model: String,
+    /// Builds the student from these decoder layers of `model`, in increasing order; `None`
+    /// keeps every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student_layers: Option<Vec<u32>>,
+    pub hyperparameters: DistillationHyperparameters,
+}
+
+/// Resolved distillation hyperparameters: the supervised ones plus `temperature` and
+/// `kd_weight`, in one flat object.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DistillationHyperparameters {
+    #[serde(flatten)]
+    pub common: Hyperparameters,
+    /// Softens both distributions before they are compared.
+    pub temperature: f64,
+    /// Weight of `T² · KL(teacher ‖ student)`; `1 − kd_weight` weighs the cross-entropy.
+    pub kd_weight: f64,
 }
 
 fn one_u32() -> u32 {
@@ -264,6 +294,14 @@ impl JobSpec {
         reject_integrations(body)?;
         let training_type = training_type(body)?;
         let method = method(body, training_type.default_learning_rate())?;
+        if let (Method::Distillation { distillation }, TrainingType::Lora(_)) = (&method, &training_type) {
+            if distillation.student_layers.is_some() {
+                return Err(SpecError::invalid(
+                    "training_type",
+                    "method.distillation.student_layers builds a new, smaller model, which cannot take LoRA adapters; set training_type to {\"type\": \"full\"}",
+                ));
+            }
+        }
 
         Ok(JobSpec {
             model,
@@ -281,6 +319,15 @@ impl JobSpec {
         match &self.method {
             Method::Supervised { supervised } => &supervised.hyperparameters,
             Method::Dpo { dpo } => &dpo.hyperparameters.common,
+            Method::Distillation { distillation } => &distillation.hyperparameters.common,
+        }
+    }
+
+    /// Returns the distillation settings, or `None` for other methods.
+    pub fn distillation(&self) -> Option<&DistillationMethod> {
+        match &self.method {
+            Method::Distillation { distillation } => Some(distillation),
+            _ => None,
         }
     }
 
@@ -561,12 +608,7 @@ fn method(body: &Map<String, Value>, default_lr: f64) -> Result<Method, SpecErro
     match method_type {
         "supervised" => {}
         "dpo" => return dpo_method(method, default_lr),
-        "distillation" => {
-            return Err(SpecError::unsupported(
-                "method.type",
-                format!("method.type '{method_type}' is not supported yet; use 'supervised'"),
-            ))
-        }
+        "distillation" => return distillation_method(method, default_lr),
         other => {
             return Err(SpecError::invalid(
                 "method.type",
@@ -638,6 +680,108 @@ fn dpo_method(method: &Map<String, Value>, default_lr: f64) -> Result<Method, Sp
             hyperparameters: DpoHyperparameters { common, beta },
         },
     })
+}
+
+/// Parses `method.distillation`: the teacher, the optional student layers, and the supervised
+/// knobs plus `temperature` and `kd_weight`.
+fn distillation_method(method: &Map<String, Value>, default_lr: f64) -> Result<Method, SpecError> {
+    reject_unknown_keys(method, "method", &["type", "distillation"])?;
+    let distillation = match present(method, "distillation") {
+        Some(Value::Object(distillation)) => distillation,
+        None => {
+            return Err(SpecError::invalid(
+                "method.distillation.teacher_model",
+                "missing required parameter 'method.distillation.teacher_model'",
+            ))
+        }
+        Some(_) => return Err(SpecError::invalid("method.distillation", "'method.distillation' must be an object")),
+    };
+    reject_unknown_keys(distillation, "method.distillation", &["teacher_model", "student_layers", "hyperparameters"])?;
+    let teacher_model = match present(distillation, "teacher_model") {
+        None => {
+            return Err(SpecError::invalid(
+                "method.distillation.teacher_model",
+                "missing required parameter 'method.distillation.teacher_model'",
+            ))
+        }
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(other) => {
+            return Err(SpecError::invalid(
+                "method.distillation.teacher_model",
+                format!(
+                    "'method.distillation.teacher_model' must be a model name, got {}",
+                    value_excerpt(other)
+                ),
+            ))
+        }
+    };
+    let student_layers = student_layers(distillation)?;
+
+    let at = "method.distillation.hyperparameters";
+    let empty = Map::new();
+    let object = match present(distillation, "hyperparameters") {
+        None => &empty,
+        Some(Value::Object(object)) => object,
+        Some(_) => return Err(SpecError::invalid(at, format!("'{at}' must be an object"))),
+    };
+    let known: Vec<&str> = HYPERPARAMETER_KEYS.iter().copied().chain(["temperature", "kd_weight"]).collect();
+    reject_unknown_keys(object, at, &known)?;
+    let knobs = Knobs { object, at };
+    let temperature = knobs
+        .number("temperature", Range::open_closed(0.0, 100.0))?
+        .unwrap_or(DISTILLATION_DEFAULT_TEMPERATURE);
+    let kd_weight = knobs
+        .number("kd_weight", Range::closed(0.0, 1.0))?
+        .unwrap_or(DISTILLATION_DEFAULT_KD_WEIGHT);
+    let mut common_keys = object.clone();
+    common_keys.remove("temperature");
+    common_keys.remove("kd_weight");
+    let common = hyperparameters(Some(&Value::Object(common_keys)), at, default_lr)?;
+    Ok(Method::Distillation {
+        distillation: DistillationMethod {
+            teacher_model,
+            student_layers,
+            hyperparameters: DistillationHyperparameters {
+                common,
+                temperature,
+                kd_weight,
+            },
+        },
+    })
+}
+
+/// Reads `student_layers`: a non-empty, strictly increasing list of layer indices. Whether
+/// they exist is known only once the model loads, so the trainer checks the upper bound.
+fn student_layers(distillation: &Map<String, Value>) -> Result<Option<Vec<u32>>, SpecError> {
+    const PARAM: &str = "method.distillation.student_layers";
+    let value = match present(distillation, "student_layers") {
+        None => return Ok(None),
+        Some(Value::String(s)) if s == "auto" => return Ok(None),
+        Some(value) => value,
+    };
+    let expected = format!("'{PARAM}' must be a non-empty, strictly increasing list of layer indices such as [0, 3, 6]");
+    let Value::Array(items) = value else {
+        return Err(SpecError::invalid(PARAM, format!("{expected}, got {}", value_excerpt(value))));
+    };
+    if items.is_empty() || items.len() > 1024 {
+        return Err(SpecError::invalid(PARAM, expected));
+    }
+    let mut layers: Vec<u32> = Vec::with_capacity(items.len());
+    for item in items {
+        let layer = item.as_u64().filter(|&n| n < 1 << 16).ok_or_else(|| {
+            SpecError::invalid(PARAM, format!("{expected}; {} is not a layer index", value_excerpt(item)))
+        })? as u32;
+        if let Some(&previous) = layers.last() {
+            if layer <= previous {
+                return Err(SpecError::invalid(
+                    PARAM,
+                    format!("{expected}; {layer} follows {previous}"),
+                ));
+            }
+        }
+        layers.push(layer);
+    }
+    Ok(Some(layers))
 }
 
 /// Parses the hyperparameters object at `at`; `default_lr` is the approach's default learning
@@ -1159,13 +1303,64 @@ mod tests {
     }
 
     #[test]
-    fn distillation_is_unsupported() {
-        for method in ["distillation"] {
-            let err = parse(with(minimal(), "method", json!({"type": method}))).unwrap_err();
-            assert_eq!(err.kind, SpecErrorKind::Unsupported);
-            assert_eq!(err.param.as_deref(), Some("method.type"));
-            assert!(err.message.contains("not supported yet"));
+    fn distillation_reads_teacher_layers_and_hyperparameters() {
+        let full = with(minimal(), "training_type", json!({"type": "full"}));
+        let method = json!({"type": "distillation", "distillation": {
+            "teacher_model": "teacher", "student_layers": [0, 3, 6],
+            "hyperparameters": {"temperature": 4, "kd_weight": 0.75, "n_epochs": 2}}});
+        let spec = parse(with(full, "method", method)).unwrap();
+        let distillation = spec.distillation().unwrap();
+        assert_eq!(distillation.teacher_model, "teacher");
+        assert_eq!(distillation.student_layers, Some(vec![0, 3, 6]));
+        assert_eq!(distillation.hyperparameters.temperature, 4.0);
+        assert_eq!(distillation.hyperparameters.kd_weight, 0.75);
+        assert_eq!(spec.hyperparameters().n_epochs, 2);
+        assert_eq!(spec.hyperparameters().learning_rate, FULL_DEFAULT_LEARNING_RATE);
+        let echoed = serde_json::to_value(&spec.method).unwrap();
+        assert_eq!(echoed["type"], "distillation");
+        assert_eq!(echoed["distillation"]["hyperparameters"]["temperature"], 4.0);
+        assert_eq!(echoed["distillation"]["hyperparameters"]["n_epochs"], 2);
+        let back: Method = serde_json::from_value(echoed).unwrap();
+        assert_eq!(back, spec.method);
+    }
+
+    #[test]
+    fn distillation_defaults_and_accepts_auto() {
+        let method = json!({"type": "distillation", "distillation": {"teacher_model": "t",
+            "hyperparameters": {"temperature": "auto", "kd_weight": "auto"}}});
+        let spec = parse(with(minimal(), "method", method)).unwrap();
+        let distillation = spec.distillation().unwrap();
+        assert_eq!(distillation.student_layers, None);
+        assert_eq!(distillation.hyperparameters.temperature, DISTILLATION_DEFAULT_TEMPERATURE);
+        assert_eq!(distillation.hyperparameters.kd_weight, DISTILLATION_DEFAULT_KD_WEIGHT);
+    }
+
+    #[test]
+    fn distillation_rejects_bad_values() {
+        let cases = [
+            (json!({"type": "distillation"}), "method.distillation.teacher_model"),
+            (json!({"type": "distillation", "distillation": {"teacher_model": ""}}), "method.distillation.teacher_model"),
+            (json!({"type": "distillation", "distillation": {"teacher_model": "t", "student_layers": [3, 1]}}), "method.distillation.student_layers"),
+            (json!({"type": "distillation", "distillation": {"teacher_model": "t", "student_layers": []}}), "method.distillation.student_layers"),
+            (json!({"type": "distillation", "distillation": {"teacher_model": "t", "student_layers": [0, -1]}}), "method.distillation.student_layers"),
+            (json!({"type": "distillation", "distillation": {"teacher_model": "t", "hyperparameters": {"temperature": 0}}}), "method.distillation.hyperparameters.temperature"),
+            (json!({"type": "distillation", "distillation": {"teacher_model": "t", "hyperparameters": {"kd_weight": 1.5}}}), "method.distillation.hyperparameters.kd_weight"),
+            (json!({"type": "distillation", "distillation": {"teacher_model": "t", "hyperparameters": {"beta": 1}}}), "method.distillation.hyperparameters.beta"),
+            (json!({"type": "distillation", "distillation": {"teacher_model": "t", "teacher": "u"}}), "method.distillation.teacher"),
+        ];
+        for (method, param) in cases {
+            let body = with(with(minimal(), "training_type", json!({"type": "full"})), "method", method.clone());
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{method}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn distillation_student_layers_reject_lora() {
+        let method = json!({"type": "distillation", "distillation": {"teacher_model": "t", "student_layers": [0, 2]}});
+        let err = parse(with(minimal(), "method", method)).unwrap_err();
+        assert_eq!(err.param.as_deref(), Some("training_type"));
+        assert!(err.message.contains("\"full\""), "{}", err.message);
     }
 
     #[test]
