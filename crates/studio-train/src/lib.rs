@@ -12,6 +12,7 @@ pub mod data;
 mod error;
 pub mod estimate;
 pub mod export;
+pub mod generate;
 mod gguf;
 pub mod hf;
 pub mod loader;
@@ -31,4 +32,5 @@ pub use run::{
     SftJob, StepMetrics, StopRequest, TrainObserver, TrainSettings, TrainSummary, FULL_LEARNING_RATE_RANGE,
     MAX_CONSECUTIVE_SKIPPED_STEPS,
 };
+pub use generate::{generate, ChatModel, ChatReply, FinishReason, SamplingParams};
 pub use schedule::DecayKind;

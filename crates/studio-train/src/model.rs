@@ -340,3 +340,120 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     let (batch, n_kv_heads, seq_len, head_dim) = x.dims4()?;
     Tensor::cat(&vec![&x; n_rep], 2)?.reshape((batch, n_kv_heads * n_rep, seq_len, head_dim))
 }
+
+/// Keys and values of the positions a cached forward has already seen, one `[1, kv_heads,
+/// seen, head_dim]` pair per layer, before the heads are repeated for grouped-query attention.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    seen: usize,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.seen
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen == 0
+    }
+}
+
+impl Llama {
+    /// Runs `new_ids` (one sequence, no padding) after the positions held in `cache`, appends
+    /// their keys and values to it and returns the logits of the last new position, `[vocab]`.
+    /// It runs without dropout; `adapters_enabled` is as in [`ForwardContext`]. The training
+    /// forward ([`Llama::hidden_states`]) is separate and unchanged.
+    pub fn forward_cached(&self, new_ids: &[u32], cache: &mut KvCache, adapters_enabled: bool) -> Result<Tensor> {
+        let n = new_ids.len();
+        if n == 0 {
+            return Err(candle_core::Error::Msg("forward_cached needs at least one new token".into()));
+        }
+        let offset = cache.seen;
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let dtype = self.embed_tokens.dtype();
+        let (cos, sin) = rotary_tables(&self.config, offset + n, &self.device)?;
+        let cos = cos.narrow(0, offset, n)?.to_dtype(dtype)?;
+        let sin = sin.narrow(0, offset, n)?.to_dtype(dtype)?;
+        // Query i sits at position offset + i and sees keys 0..=offset + i. A single new token
+        // sees every key, so it needs no mask.
+        let bias = if n > 1 {
+            let total = offset + n;
+            let mut bias = vec![f32::NEG_INFINITY; n * total];
+            for query in 0..n {
+                for key in 0..=offset + query {
+                    bias[query * total + key] = 0.0;
+                }
+            }
+            Some(Tensor::from_vec(bias, (1, 1, n, total), &self.device)?.to_dtype(dtype)?)
+        } else {
+            None
+        };
+
+        let ids = Tensor::new(new_ids, &self.device)?;
+        let mut hidden = self.embed_tokens.index_select(&ids, 0)?;
+        let mut ctx = ForwardContext {
+            rng: None,
+            adapters_enabled,
+        };
+        let eps = self.config.rms_norm_eps;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let normed = rms_norm(&hidden, &layer.input_layernorm, eps)?;
+            let attended = self.cached_attention(layer, &normed, &cos, &sin, bias.as_ref(), slot, &mut ctx)?;
+            let x = (hidden + attended)?;
+            let normed = rms_norm(&x, &layer.post_attention_layernorm, eps)?;
+            let gate = layer.gate_proj.forward(&normed, &mut ctx)?.silu()?;
+            let up = layer.up_proj.forward(&normed, &mut ctx)?;
+            hidden = (x + layer.down_proj.forward(&(gate * up)?, &mut ctx)?)?;
+        }
+        cache.seen = offset + n;
+        let last = hidden.narrow(0, n - 1, 1)?;
+        let last = rms_norm(&last, &self.norm, eps)?;
+        self.logits(&last)?.squeeze(0)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cached_attention(
+        &self,
+        layer: &DecoderLayer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: Option<&Tensor>,
+        slot: &mut Option<(Tensor, Tensor)>,
+        ctx: &mut ForwardContext<'_>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let n = x.dim(0)?;
+        let (n_heads, n_kv_heads, head_dim) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let to_heads = |t: Tensor, heads: usize| -> Result<Tensor> { t.reshape((1, n, heads, head_dim))?.transpose(1, 2)?.contiguous() };
+        let q = to_heads(layer.q_proj.forward(x, ctx)?, n_heads)?;
+        let k = to_heads(layer.k_proj.forward(x, ctx)?, n_kv_heads)?;
+        let v = to_heads(layer.v_proj.forward(x, ctx)?, n_kv_heads)?;
+        let q = apply_rotary(&q, cos, sin)?;
+        let k = apply_rotary(&k, cos, sin)?;
+        let (k, v) = match slot.take() {
+            Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
+            None => (k, v),
+        };
+        *slot = Some((k.clone(), v.clone()));
+        let k = repeat_kv(k, n_heads / n_kv_heads)?;
+        let v = repeat_kv(v, n_heads / n_kv_heads)?;
+
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
+        let scores = match bias {
+            Some(bias) => scores.broadcast_add(bias)?,
+            None => scores,
+        };
+        let attended = softmax_last_dim(&scores)?.matmul(&v.contiguous()?)?;
+        let merged = attended.transpose(1, 2)?.reshape((n, n_heads * head_dim))?;
+        layer.o_proj.forward(&merged, ctx)
+    }
+}
