@@ -17,6 +17,9 @@ use studio_train::optim::{global_grad_norm, AdamW, AdamWConfig};
 use studio_train::rng::Rng;
 use studio_train::LoraSettings;
 
+#[path = "golden/generate.rs"]
+mod generate;
+
 struct Fixture {
     gguf: LoadedModel,
     golden: Value,
