@@ -332,7 +332,7 @@ impl ChatModel {
     }
 
     /// Generates the assistant's reply to `messages`. `on_text` receives the reply's text in
-    /// order as it is produced; the pieces add up to [`ChatReply::text`]. Generation also
+    /// order as it is produced, and the pieces add up to [`ChatReply::text`]. Generation also
     /// stops before the first of `stop` (text sequences), which is not part of the reply.
     pub fn reply(
         &self,
@@ -340,6 +340,21 @@ impl ChatModel {
         params: &SamplingParams,
         stop: &[String],
         on_text: &mut dyn FnMut(&str),
+    ) -> Result<ChatReply, TrainError> {
+        self.reply_until(messages, params, stop, &mut |piece| {
+            on_text(piece);
+            Flow::Continue
+        })
+    }
+
+    /// Generates like [`ChatModel::reply`], and ends generation early when `on_text` returns
+    /// [`Flow::Stop`] (a streaming client that went away), finishing with [`FinishReason::Stop`].
+    pub fn reply_until(
+        &self,
+        messages: &[Message],
+        params: &SamplingParams,
+        stop: &[String],
+        on_text: &mut dyn FnMut(&str) -> Flow,
     ) -> Result<ChatReply, TrainError> {
         let prompt = self.encode_prompt(messages)?;
         let stop: Vec<&str> = stop
@@ -350,6 +365,7 @@ impl ChatModel {
         let mut streamer = TextStreamer::new(&stop);
         let mut tokens = Vec::new();
         let mut failure = None;
+        let mut cancelled = false;
         let generation = generate(
             &self.model,
             &prompt,
@@ -359,7 +375,12 @@ impl ChatModel {
                 tokens.push(token);
                 match self.decode(&tokens) {
                     Ok(text) => {
-                        if streamer.push(&text, on_text) {
+                        let stopped = streamer.push(&text, &mut |piece| {
+                            if on_text(piece) == Flow::Stop {
+                                cancelled = true;
+                            }
+                        });
+                        if stopped || cancelled {
                             Flow::Stop
                         } else {
                             Flow::Continue
@@ -380,7 +401,9 @@ impl ChatModel {
         } else {
             generation.finish_reason
         };
-        let text = streamer.finish(on_text);
+        let text = streamer.finish(&mut |piece| {
+            on_text(piece);
+        });
         Ok(ChatReply {
             text,
             finish_reason,
