@@ -3,6 +3,7 @@
 //! [`app`] builds the whole router with its middleware; tests call it without a socket.
 
 mod checkpoints;
+mod completions;
 mod download;
 mod error;
 mod estimate;
@@ -55,6 +56,7 @@ pub fn app_with_shutdown(services: Services, shutdown: CancellationToken) -> Rou
         .merge(download::router())
         .merge(estimate::router())
         .merge(models::router())
+        .merge(completions::router())
         .merge(health::router())
         .fallback(unknown_route)
         // Called after every route is merged, because it applies to the routes present.

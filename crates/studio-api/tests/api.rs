@@ -15,6 +15,9 @@ use tower::ServiceExt;
 #[path = "api/event_stream.rs"]
 mod event_stream;
 
+#[path = "api/chat_completions.rs"]
+mod chat_completions;
+
 #[path = "api/queue_controls.rs"]
 mod queue_controls;
 
