@@ -130,6 +130,8 @@ pub enum Command {
     Train(TrainArgs),
     /// Print the mean loss and token accuracy of a model, with an optional adapter, on a dataset.
     Eval(EvalArgs),
+    /// Chat with a model in the terminal: each line of standard input is a user turn.
+    Chat(ChatArgs),
 }
 
 /// A local run. `--config` takes a JSON job body as `POST /v1/fine_tuning/jobs` does; flags
@@ -242,6 +244,39 @@ pub struct EvalArgs {
     /// Examples per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+}
+
+/// A terminal conversation with a local model.
+#[derive(Clone, Debug, Args)]
+pub struct ChatArgs {
+    /// Model: a name in the models folder, a GGUF file or a Hugging Face folder (such as a fully
+    /// fine-tuned model/ folder).
+    #[arg(long)]
+    pub model: String,
+
+    /// A PEFT adapter folder to apply, such as a LoRA job's adapter/ folder.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+
+    /// A system message that starts the conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+
+    /// The maximum number of tokens of each reply.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+
+    /// Sampling temperature from 0 to 2; 0 always picks the most likely token.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (above 0, at most 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 /// Settings of a worker (`worker` and `up`).

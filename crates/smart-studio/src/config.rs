@@ -179,13 +179,13 @@ fn redact(raw: &str) -> String {
 }
 
 fn needs_database(command: &Command) -> bool {
-    !matches!(command, Command::FetchModel | Command::Train(_) | Command::Eval(_))
+    !matches!(command, Command::FetchModel | Command::Train(_) | Command::Eval(_) | Command::Chat(_))
 }
 
 fn needs_artifacts(command: &Command) -> bool {
     !matches!(
         command,
-        Command::Migrate | Command::FetchModel | Command::Train(_) | Command::Eval(_)
+        Command::Migrate | Command::FetchModel | Command::Train(_) | Command::Eval(_) | Command::Chat(_)
     )
 }
 

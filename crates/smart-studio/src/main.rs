@@ -42,5 +42,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => commands::demo::run(&config, &args).await,
         Command::Train(args) => commands::train::run(&config, &args).await,
         Command::Eval(args) => commands::eval::run(&config, &args).await,
+        Command::Chat(args) => commands::chat::run(&config, &args).await,
     }
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod chat;
 pub mod demo;
 pub mod eval;
 pub mod fetch_model;
