@@ -6,6 +6,7 @@
 //! The S3 test also needs moto's server (`STUDIO_TEST_MOTO`, or `.venv-ci/bin/moto_server`).
 
 mod app;
+mod chat;
 mod data;
 mod database;
 mod jobs;
