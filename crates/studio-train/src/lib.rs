@@ -9,6 +9,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distill;
 mod error;
 pub mod estimate;
 pub mod export;
@@ -26,6 +27,7 @@ mod run;
 pub mod tiny;
 pub mod tokenizer;
 
+pub use distill::{run_distillation, DistillJob, DistillSettings};
 pub use error::TrainError;
 pub use run::{
     evaluate, run_sft, Approach, ArtifactKind, CheckpointInfo, EventLevel, LoraSettings, RunOutcome,

@@ -417,18 +417,18 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
 
 /// The loop's position, which a checkpoint stores besides tensors.
 #[derive(Default)]
-struct Progress {
-    step: u64,
-    epoch: usize,
-    position: usize,
-    order: Vec<usize>,
-    trained_tokens: u64,
-    skipped_steps: u64,
-    consecutive_skipped: u64,
+pub(crate) struct Progress {
+    pub(crate) step: u64,
+    pub(crate) epoch: usize,
+    pub(crate) position: usize,
+    pub(crate) order: Vec<usize>,
+    pub(crate) trained_tokens: u64,
+    pub(crate) skipped_steps: u64,
+    pub(crate) consecutive_skipped: u64,
 }
 
 impl Progress {
-    fn from_state(state: &TrainerState) -> Self {
+    pub(crate) fn from_state(state: &TrainerState) -> Self {
         Self {
             step: state.step,
             epoch: state.epoch,
@@ -440,7 +440,7 @@ impl Progress {
         }
     }
 
-    fn state(&self, rng: &Rng, schedule: Schedule, vars: &[(String, Var)], approach: &Approach, optimizer_steps: u64) -> TrainerState {
+    pub(crate) fn state(&self, rng: &Rng, schedule: Schedule, vars: &[(String, Var)], approach: &Approach, optimizer_steps: u64) -> TrainerState {
         TrainerState {
             step: self.step,
             total_steps: schedule.total_steps,
@@ -462,7 +462,7 @@ impl Progress {
 }
 
 /// `1 step`, `2 steps`.
-fn plural(count: u64, noun: &str) -> String {
+pub(crate) fn plural(count: u64, noun: &str) -> String {
     if count == 1 {
         format!("1 {noun}")
     } else {
@@ -470,14 +470,14 @@ fn plural(count: u64, noun: &str) -> String {
     }
 }
 
-fn invalid(message: &str, param: &str) -> TrainError {
+pub(crate) fn invalid(message: &str, param: &str) -> TrainError {
     TrainError::InvalidData {
         message: message.to_string(),
         param: Some(param.to_string()),
     }
 }
 
-fn validate_settings(settings: &TrainSettings) -> Result<(), TrainError> {
+pub(crate) fn validate_settings(settings: &TrainSettings) -> Result<(), TrainError> {
     let param = |name: &str| format!("method.supervised.hyperparameters.{name}");
     let check = |ok: bool, message: String, name: &str| if ok { Ok(()) } else { Err(invalid(&message, &param(name))) };
     check(settings.n_epochs >= 1, "n_epochs must be at least 1".into(), "n_epochs")?;
@@ -495,7 +495,7 @@ fn validate_settings(settings: &TrainSettings) -> Result<(), TrainError> {
 }
 
 /// Attaches adapters or unfreezes every weight, and returns the trained variables by name.
-fn trainable_vars(model: &mut Llama, approach: &Approach, rng: &mut Rng, observer: &mut dyn TrainObserver, learning_rate: f64) -> Result<Vec<(String, Var)>, TrainError> {
+pub(crate) fn trainable_vars(model: &mut Llama, approach: &Approach, rng: &mut Rng, observer: &mut dyn TrainObserver, learning_rate: f64) -> Result<Vec<(String, Var)>, TrainError> {
     match approach {
         Approach::Lora(settings) => {
             lora::attach(model, settings, rng)?;
@@ -515,7 +515,7 @@ fn trainable_vars(model: &mut Llama, approach: &Approach, rng: &mut Rng, observe
 }
 
 /// Steps (1-based) after which a checkpoint is written.
-fn planned_checkpoints(total_steps: u64, interval: u64, count: u64) -> BTreeSet<u64> {
+pub(crate) fn planned_checkpoints(total_steps: u64, interval: u64, count: u64) -> BTreeSet<u64> {
     let mut steps = BTreeSet::new();
     if interval > 0 {
         steps.extend((1..=total_steps / interval).map(|k| k * interval));
@@ -592,7 +592,7 @@ fn accumulate_gradients(
 
 /// Scales gradients so their global norm is at most `max_norm`, as
 /// `torch.nn.utils.clip_grad_norm_` does (including its 1e-6 guard).
-fn clip(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>, TrainError> {
+pub(crate) fn clip(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>, TrainError> {
     if max_norm <= 0.0 || norm <= max_norm {
         return Ok(grads);
     }
@@ -615,14 +615,14 @@ pub fn evaluate(model: &Llama, examples: &[EncodedExample], batch_size: usize, p
     Ok((sum_nll / n_targets, n_correct as f64 / n_targets))
 }
 
-fn weights_file(approach: &Approach) -> &'static str {
+pub(crate) fn weights_file(approach: &Approach) -> &'static str {
     match approach {
         Approach::Lora(_) => lora::ADAPTER_WEIGHTS,
         Approach::Full => checkpoint::FULL_WEIGHTS,
     }
 }
 
-fn write_checkpoint(dir: &Path, job: &SftJob<'_>, model: &Llama, vars: &[(String, Var)], optimizer: &AdamW, state: &TrainerState) -> Result<PathBuf, TrainError> {
+pub(crate) fn write_checkpoint(dir: &Path, job: &SftJob<'_>, model: &Llama, vars: &[(String, Var)], optimizer: &AdamW, state: &TrainerState) -> Result<PathBuf, TrainError> {
     std::fs::create_dir_all(dir)?;
     let staging = checkpoint::staging(dir, state.step)?;
     match &job.approach {
@@ -632,7 +632,7 @@ fn write_checkpoint(dir: &Path, job: &SftJob<'_>, model: &Llama, vars: &[(String
     checkpoint::finish(&staging, dir, optimizer, state)
 }
 
-fn write_artifacts(job: &SftJob<'_>, model: &Llama, metadata: &FolderMetadata<'_>) -> Result<Vec<(ArtifactKind, PathBuf)>, TrainError> {
+pub(crate) fn write_artifacts(job: &SftJob<'_>, model: &Llama, metadata: &FolderMetadata<'_>) -> Result<Vec<(ArtifactKind, PathBuf)>, TrainError> {
     let mut artifacts = Vec::new();
     match &job.approach {
         Approach::Lora(settings) => {

@@ -17,6 +17,8 @@ use studio_train::optim::{global_grad_norm, AdamW, AdamWConfig};
 use studio_train::rng::Rng;
 use studio_train::LoraSettings;
 
+#[path = "golden/distill.rs"]
+mod distill;
 #[path = "golden/generate.rs"]
 mod generate;
 

@@ -1,0 +1,717 @@
+//! Knowledge distillation: a student learns the teacher's softened next-token distribution
+//! together with the reference tokens.
+//!
+//! The loss over target tokens is `kd_weight · T² · KL(teacher_T ‖ student_T) + (1 − kd_weight)
+//! · CE`, where `_T` is the softmax of the logits divided by the temperature `T`. The `T²`
+//! factor keeps the gradient of the distillation term at the same scale for every `T`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::batch::Batch;
+use crate::chat::EncodedExample;
+use crate::checkpoint;
+use crate::data::{encode_examples, hold_out};
+use crate::export::FolderMetadata;
+use crate::loader::{load_model, LoadedModel};
+use crate::lora;
+use crate::model::{ForwardContext, Llama};
+use crate::ops::{cross_entropy_per_row, log_softmax_last_dim};
+use crate::optim::{grad_norm, AdamW, AdamWConfig};
+use crate::rng::Rng;
+use crate::run::{
+    clip, invalid, planned_checkpoints, plural, trainable_vars, validate_settings, write_artifacts,
+    write_checkpoint, Progress,
+};
+use crate::schedule::Schedule;
+use crate::{
+    evaluate, CheckpointInfo, EventLevel, RunOutcome, SftJob, StepMetrics, StopRequest, TrainError,
+    TrainObserver, TrainSummary, MAX_CONSECUTIVE_SKIPPED_STEPS,
+};
+
+/// The distillation settings of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DistillSettings {
+    /// Softens both distributions; must be positive.
+    pub temperature: f64,
+    /// Weight of the distillation term, in [0, 1].
+    pub kd_weight: f64,
+    /// Builds the student from these decoder layers of the job's model; `None` keeps all.
+    pub student_layers: Option<Vec<usize>>,
+}
+
+/// One distillation run. `sft` describes the student exactly as a supervised run would; its
+/// examples' assistant turns are the reference responses that the teacher scores.
+pub struct DistillJob<'a> {
+    pub sft: SftJob<'a>,
+    /// A GGUF file or a Hugging Face model folder.
+    pub teacher_path: &'a Path,
+    /// A PEFT adapter applied to the teacher, for a teacher that was itself fine-tuned with LoRA.
+    pub teacher_adapter: Option<&'a Path>,
+    /// The teacher's name in messages.
+    pub teacher_name: &'a str,
+    pub distill: DistillSettings,
+}
+
+/// Keeps decoder layers `layers` of a loaded model, renumbered from 0, with its embeddings,
+/// final norm and head, so the result is a smaller model of the same family.
+pub fn select_layers(loaded: &mut LoadedModel, layers: &[usize]) -> Result<(), TrainError> {
+    let count = loaded.config.num_hidden_layers;
+    let param = "method.distillation.student_layers";
+    if layers.is_empty() {
+        return Err(invalid(
+            "student_layers is empty; list at least one layer index",
+            param,
+        ));
+    }
+    for pair in layers.windows(2) {
+        if pair[1] <= pair[0] {
+            return Err(invalid(
+                &format!(
+                    "student_layers must increase strictly, but {} follows {}",
+                    pair[1], pair[0]
+                ),
+                param,
+            ));
+        }
+    }
+    if let Some(&bad) = layers.iter().find(|&&layer| layer >= count) {
+        return Err(invalid(
+            &format!(
+                "student_layers names layer {bad}, but the model has {count} layers (0 to {})",
+                count - 1
+            ),
+            param,
+        ));
+    }
+
+    let mut weights = HashMap::with_capacity(loaded.weights.len());
+    for (name, tensor) in loaded.weights.drain() {
+        match layer_of(&name) {
+            None => {
+                weights.insert(name, tensor);
+            }
+            Some((source, rest)) => {
+                if let Some(target) = layers.iter().position(|&layer| layer == source) {
+                    weights.insert(format!("model.layers.{target}.{rest}"), tensor);
+                }
+            }
+        }
+    }
+    loaded.weights = weights;
+    loaded.config.num_hidden_layers = layers.len();
+    Ok(())
+}
+
+/// Splits `model.layers.{i}.{rest}` into `i` and `rest`.
+fn layer_of(name: &str) -> Option<(usize, &str)> {
+    let tail = name.strip_prefix("model.layers.")?;
+    let (index, rest) = tail.split_once('.')?;
+    Some((index.parse().ok()?, rest))
+}
+
+/// Checks that teacher and student share a tokenizer and returns its vocabulary size, to which
+/// both heads are cut (a head may have extra padding rows).
+pub fn shared_vocabulary(
+    teacher: &LoadedModel,
+    teacher_name: &str,
+    student: &LoadedModel,
+    student_name: &str,
+) -> Result<usize, TrainError> {
+    let teacher_vocab = teacher.tokenizer.get_vocab(true);
+    let student_vocab = student.tokenizer.get_vocab(true);
+    let describe = |vocab: &HashMap<String, u32>| format!("{} tokens", vocab.len());
+    let mismatch = |detail: String| {
+        invalid(
+            &format!(
+                "teacher {teacher_name} and student {student_name} do not share a tokenizer: the teacher's vocabulary has {}, the student's {}{detail}; distill into a model with the teacher's tokenizer",
+                describe(&teacher_vocab),
+                describe(&student_vocab)
+            ),
+            "method.distillation.teacher_model",
+        )
+    };
+    if teacher_vocab.len() != student_vocab.len() {
+        return Err(mismatch(String::new()));
+    }
+    let mut differing: Vec<(&String, &u32)> = teacher_vocab
+        .iter()
+        .filter(|(token, id)| student_vocab.get(*token) != Some(*id))
+        .collect();
+    if !differing.is_empty() {
+        differing.sort_by_key(|(_, id)| **id);
+        let (token, id) = differing[0];
+        let student_id = student_vocab
+            .get(token)
+            .map_or("no id".to_string(), |id| format!("id {id}"));
+        return Err(mismatch(format!(
+            ", and {} tokens differ (the first: {token:?} is id {id} for the teacher and {student_id} for the student)",
+            differing.len()
+        )));
+    }
+    let vocab = teacher_vocab.len();
+    for (name, loaded) in [(teacher_name, teacher), (student_name, student)] {
+        if loaded.config.vocab_size < vocab {
+            return Err(invalid(
+                &format!(
+                    "model {name} has a head of {} rows for a tokenizer of {vocab} tokens",
+                    loaded.config.vocab_size
+                ),
+                "method.distillation.teacher_model",
+            ));
+        }
+    }
+    Ok(vocab)
+}
+
+/// Returns the teacher's log-probabilities at temperature `temperature`, `[n_targets, vocab]`, for the
+/// target positions of `batch`, computed without a graph.
+pub fn teacher_log_probs(
+    teacher: &Llama,
+    batch: &Batch,
+    vocab: usize,
+    temperature: f64,
+) -> candle_core::Result<Tensor> {
+    let hidden = teacher.hidden_states(
+        &batch.input_ids,
+        &batch.lengths,
+        &mut ForwardContext::eval(),
+    )?;
+    let hidden = hidden.index_select(&batch.target_positions, 0)?;
+    let logits = teacher.logits(&hidden)?.narrow(1, 0, vocab)?;
+    Ok(log_softmax_last_dim(&(logits / temperature)?)?.detach())
+}
+
+/// The summed loss of a batch and its parts.
+pub struct DistillLoss {
+    /// Scalar: `kd_weight · T² · Σ KL + (1 − kd_weight) · Σ CE` over the target rows.
+    pub sum_loss: Tensor,
+    /// `Σ KL(teacher_T ‖ student_T)`, unscaled.
+    pub sum_kl: f64,
+    /// `Σ CE` against the reference tokens, at temperature 1.
+    pub sum_ce: f64,
+    /// Rows whose argmax is the reference token.
+    pub n_correct: usize,
+}
+
+/// Computes the distillation loss for student logits `[n, vocab]` (already cut to the shared
+/// vocabulary), the teacher's log-probabilities at `temperature` and the reference targets.
+/// Works in log space throughout, so it stays finite at low temperatures.
+pub fn distillation_loss(
+    student_logits: &Tensor,
+    teacher_log_probs: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    kd_weight: f64,
+) -> candle_core::Result<DistillLoss> {
+    let ce = cross_entropy_per_row(student_logits, targets)?.sum_all()?;
+    let sum_ce = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let predicted = student_logits.argmax(D::Minus1)?;
+    let n_correct = predicted
+        .eq(targets)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()? as usize;
+
+    // kd_weight 0 is plain cross-entropy, without the vocabulary-wide tensors of the KL.
+    if kd_weight == 0.0 {
+        return Ok(DistillLoss {
+            sum_loss: ce,
+            sum_kl: 0.0,
+            sum_ce,
+            n_correct,
+        });
+    }
+    let student_log_probs = log_softmax_last_dim(&(student_logits / temperature)?)?;
+    let kl = (teacher_log_probs.exp()? * (teacher_log_probs - &student_log_probs)?)?.sum_all()?;
+    let sum_kl = kl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let kd_term = (kl * (kd_weight * temperature * temperature))?;
+    let sum_loss = if kd_weight == 1.0 {
+        kd_term
+    } else {
+        (kd_term + (ce * (1.0 - kd_weight))?)?
+    };
+    Ok(DistillLoss {
+        sum_loss,
+        sum_kl,
+        sum_ce,
+        n_correct,
+    })
+}
+
+/// Mean `KL(teacher_T ‖ student_T)` per target token of `examples`, without dropout.
+pub fn mean_kl(
+    teacher: &Llama,
+    student: &Llama,
+    examples: &[EncodedExample],
+    vocab: usize,
+    temperature: f64,
+    pad: u32,
+) -> Result<f64, TrainError> {
+    let device = student.device().clone();
+    let (mut sum_kl, mut n_targets) = (0f64, 0usize);
+    for example in examples {
+        let batch = Batch::new(&[example], pad, &device)?;
+        if batch.n_targets == 0 {
+            continue;
+        }
+        let teacher_lp = teacher_log_probs(teacher, &batch, vocab, temperature)?;
+        let logits = student_logits(student, &batch, vocab, &mut ForwardContext::eval())?;
+        let loss = distillation_loss(&logits, &teacher_lp, &batch.target_ids, temperature, 1.0)?;
+        sum_kl += loss.sum_kl;
+        n_targets += batch.n_targets;
+    }
+    Ok(sum_kl / n_targets.max(1) as f64)
+}
+
+fn student_logits(
+    student: &Llama,
+    batch: &Batch,
+    vocab: usize,
+    ctx: &mut ForwardContext<'_>,
+) -> candle_core::Result<Tensor> {
+    let hidden = student.hidden_states(&batch.input_ids, &batch.lengths, ctx)?;
+    let hidden = hidden.index_select(&batch.target_positions, 0)?;
+    student.logits(&hidden)?.narrow(1, 0, vocab)
+}
+
+fn validate_distill(settings: &DistillSettings) -> Result<(), TrainError> {
+    let param = |name: &str| format!("method.distillation.hyperparameters.{name}");
+    if !(settings.temperature.is_finite() && settings.temperature > 0.0) {
+        return Err(invalid(
+            &format!(
+                "temperature {} must be a positive number",
+                settings.temperature
+            ),
+            &param("temperature"),
+        ));
+    }
+    if !(0.0..=1.0).contains(&settings.kd_weight) {
+        return Err(invalid(
+            &format!("kd_weight {} is outside [0, 1]", settings.kd_weight),
+            &param("kd_weight"),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads the teacher, with its adapter when it has one.
+fn load_teacher(job: &DistillJob<'_>, device: &Device) -> Result<(LoadedModel, Llama), TrainError> {
+    let mut loaded = load_model(job.teacher_path, device).map_err(|err| match err {
+        TrainError::ModelLoad { path, message } => TrainError::InvalidData {
+            message: format!(
+                "failed to load teacher model {} from {}: {message}",
+                job.teacher_name,
+                path.display()
+            ),
+            param: Some("method.distillation.teacher_model".into()),
+        },
+        other => other,
+    })?;
+    let mut model = Llama::from_weights(&loaded.config, &loaded.weights, device)?;
+    loaded.weights.clear();
+    if let Some(adapter) = job.teacher_adapter {
+        lora::apply_adapter(&mut model, adapter)?;
+    }
+    Ok((loaded, model))
+}
+
+/// Runs a distillation and writes the student under `job.sft.output_dir`, as [`crate::run_sft`]
+/// does, with the same checkpoints, stop requests and metrics.
+///
+/// Runs on the calling thread until done; call it from a blocking thread in async code.
+pub fn run_distillation(
+    job: &DistillJob<'_>,
+    observer: &mut dyn TrainObserver,
+) -> Result<RunOutcome, TrainError> {
+    let sft = &job.sft;
+    validate_settings(&sft.settings)?;
+    validate_distill(&job.distill)?;
+    if let crate::Approach::Lora(settings) = &sft.approach {
+        if job.distill.student_layers.is_some() {
+            return Err(invalid(
+                "student_layers builds a new, smaller model, which cannot take LoRA adapters; train it with training_type full",
+                "training_type",
+            ));
+        }
+        lora::validate(settings)?;
+    }
+    let device = Device::Cpu;
+    let settings = &sft.settings;
+
+    let (teacher_loaded, teacher) = load_teacher(job, &device)?;
+    observer.on_event(
+        EventLevel::Info,
+        &format!("Loaded teacher model {}", job.teacher_name),
+    );
+    let mut loaded = load_model(sft.model_path, &device)?;
+    let vocab = shared_vocabulary(
+        &teacher_loaded,
+        job.teacher_name,
+        &loaded,
+        sft.base_model_name,
+    )?;
+    drop(teacher_loaded);
+    if let Some(layers) = &job.distill.student_layers {
+        let total = loaded.config.num_hidden_layers;
+        select_layers(&mut loaded, layers)?;
+        observer.on_event(
+            EventLevel::Info,
+            &format!(
+                "Built the student from {} of the {total} layers of {}",
+                layers.len(),
+                sft.base_model_name
+            ),
+        );
+    }
+
+    let examples = encode_examples(
+        &loaded,
+        sft.examples,
+        settings.max_seq_len,
+        "training file",
+        observer,
+    )?;
+    if examples.is_empty() {
+        return Err(invalid(
+            "the training file has no examples",
+            "training_file",
+        ));
+    }
+    let (train, valid) = match sft.validation {
+        Some(conversations) => (
+            examples,
+            encode_examples(
+                &loaded,
+                conversations,
+                settings.max_seq_len,
+                "validation file",
+                observer,
+            )?,
+        ),
+        None => hold_out(examples, settings.seed),
+    };
+
+    let mut rng = Rng::new(settings.seed);
+    let mut model = Llama::from_weights(&loaded.config, &loaded.weights, &device)?;
+    loaded.weights.clear();
+    let vars = trainable_vars(
+        &mut model,
+        &sft.approach,
+        &mut rng,
+        observer,
+        settings.learning_rate,
+    )?;
+    let optimizer_config = AdamWConfig {
+        weight_decay: settings.weight_decay,
+        ..AdamWConfig::default()
+    };
+    let mut optimizer = AdamW::new(
+        vars.iter().map(|(_, var)| var.clone()).collect(),
+        optimizer_config,
+    )?;
+
+    let examples_per_step = settings.batch_size * settings.gradient_accumulation_steps;
+    let steps_per_epoch = train.len().div_ceil(examples_per_step) as u64;
+    let total_steps = steps_per_epoch * settings.n_epochs as u64;
+    let schedule = Schedule {
+        peak_lr: settings.learning_rate,
+        warmup_steps: (settings.warmup_ratio * total_steps as f64).ceil() as u64,
+        total_steps,
+        decay: settings.lr_scheduler,
+    };
+    let checkpoint_steps = planned_checkpoints(
+        total_steps,
+        settings.checkpoint_interval,
+        settings.n_checkpoints,
+    );
+
+    let mut progress = Progress::default();
+    if let Some(dir) = sft.resume_from {
+        let state = checkpoint::read_state(dir)?;
+        if state.total_steps != total_steps {
+            return Err(invalid(
+                &format!("checkpoint {} plans {} steps but this run plans {total_steps}; resume with the same data and settings", dir.display(), state.total_steps),
+                "checkpoint",
+            ));
+        }
+        checkpoint::restore(
+            dir,
+            crate::run::weights_file(&sft.approach),
+            &vars,
+            &mut optimizer,
+            &state,
+            &device,
+        )?;
+        rng = state.rng.clone();
+        progress = Progress::from_state(&state);
+        observer.on_event(
+            EventLevel::Info,
+            &format!("Resumed from the checkpoint at step {}", state.step),
+        );
+    } else {
+        observer.on_event(
+            EventLevel::Info,
+            &format!(
+                "Distilling {} on {} for {}: {}, temperature {}, kd_weight {}",
+                job.teacher_name,
+                plural(train.len() as u64, "example"),
+                plural(settings.n_epochs as u64, "epoch"),
+                plural(total_steps, "step"),
+                job.distill.temperature,
+                job.distill.kd_weight,
+            ),
+        );
+    }
+
+    let pad = loaded.special.pad;
+    if let Some(request) = observer.stop_request() {
+        observer.on_event(
+            EventLevel::Info,
+            &format!("Stopped before step {}", progress.step + 1),
+        );
+        return Ok(RunOutcome::Stopped {
+            steps: progress.step,
+            request,
+        });
+    }
+    let context = StepContext {
+        teacher: &teacher,
+        student: &model,
+        vars: &vars,
+        vocab,
+        distill: &job.distill,
+        batch_size: settings.batch_size,
+        pad,
+        device: &device,
+    };
+    while progress.epoch < settings.n_epochs {
+        if progress.position == 0 {
+            progress.order = (0..train.len()).collect();
+            rng.shuffle(&mut progress.order);
+        }
+        while progress.position < progress.order.len() {
+            let started = Instant::now();
+            let end = (progress.position + examples_per_step).min(progress.order.len());
+            let rows: Vec<&EncodedExample> = progress.order[progress.position..end]
+                .iter()
+                .map(|&i| &train[i])
+                .collect();
+            progress.position = end;
+            progress.step += 1;
+            let step = progress.step;
+
+            let totals = context.accumulate(&rows, &mut rng)?;
+            let norm = grad_norm(&totals.grads)?;
+            if !totals.loss.is_finite() || !norm.is_finite() {
+                progress.skipped_steps += 1;
+                progress.consecutive_skipped += 1;
+                observer.on_event(
+                    EventLevel::Warn,
+                    &format!(
+                        "Skipped step {step}: loss {} and gradient norm {norm} are not both finite",
+                        totals.loss
+                    ),
+                );
+                if progress.consecutive_skipped >= MAX_CONSECUTIVE_SKIPPED_STEPS {
+                    return Err(TrainError::NonFinite(format!(
+                        "{} steps in a row up to step {step} produced a non-finite loss or gradient; lower the learning rate",
+                        progress.consecutive_skipped
+                    )));
+                }
+                continue;
+            }
+            progress.consecutive_skipped = 0;
+
+            let grads = clip(totals.grads, norm, settings.max_grad_norm)?;
+            let learning_rate = schedule.learning_rate(step);
+            optimizer.step_with(&grads, learning_rate)?;
+            progress.trained_tokens += totals.n_tokens as u64;
+
+            let epoch_done = progress.position >= progress.order.len();
+            let mut metrics = StepMetrics {
+                step,
+                total_steps,
+                epoch: progress.epoch as f64
+                    + progress.position as f64 / progress.order.len() as f64,
+                train_loss: totals.loss,
+                train_mean_token_accuracy: totals.n_correct as f64 / totals.n_targets.max(1) as f64,
+                valid_loss: None,
+                valid_mean_token_accuracy: None,
+                learning_rate,
+                grad_norm: norm,
+                tokens_per_second: totals.n_tokens as f64
+                    / started.elapsed().as_secs_f64().max(1e-9),
+                trained_tokens: progress.trained_tokens,
+            };
+            let eval_due = settings.eval_interval > 0 && step % settings.eval_interval == 0;
+            if !valid.is_empty() && (eval_due || epoch_done) {
+                let (loss, accuracy) = evaluate(&model, &valid, settings.batch_size, pad, &device)?;
+                metrics.valid_loss = Some(loss);
+                metrics.valid_mean_token_accuracy = Some(accuracy);
+            }
+            tracing::debug!(
+                step,
+                train_loss = metrics.train_loss,
+                kd_loss = totals.kl,
+                ce_loss = totals.ce,
+                grad_norm = norm,
+                "distillation step"
+            );
+            observer.on_step(&metrics);
+
+            if epoch_done {
+                progress.epoch += 1;
+                progress.position = 0;
+            }
+            let stop = observer.stop_request();
+            let suspend = stop == Some(StopRequest::Suspend) && !checkpoint_steps.contains(&step);
+            if let (Some(dir), true) = (
+                sft.checkpoint_dir,
+                checkpoint_steps.contains(&step) || suspend,
+            ) {
+                let state =
+                    progress.state(&rng, schedule, &vars, &sft.approach, optimizer.step_count());
+                let path = write_checkpoint(dir, sft, &model, &vars, &optimizer, &state)?;
+                observer.on_checkpoint(&CheckpointInfo {
+                    step,
+                    dir: path,
+                    metrics: metrics.clone(),
+                });
+            }
+            if let Some(request) = stop {
+                observer.on_event(EventLevel::Info, &format!("Stopped after step {step}"));
+                return Ok(RunOutcome::Stopped {
+                    steps: step,
+                    request,
+                });
+            }
+            if epoch_done {
+                break;
+            }
+        }
+        if progress.position > 0 && progress.position >= progress.order.len() {
+            progress.epoch += 1;
+            progress.position = 0;
+        }
+    }
+
+    let metadata = FolderMetadata {
+        tokenizer: &loaded.tokenizer,
+        chat_template: loaded.chat_template.as_deref(),
+        special: loaded.special,
+    };
+    let artifacts = write_artifacts(sft, &model, &metadata)?;
+    observer.on_event(
+        EventLevel::Info,
+        &format!("Saved the student after {}", plural(progress.step, "step")),
+    );
+    Ok(RunOutcome::Succeeded(TrainSummary {
+        trained_tokens: progress.trained_tokens,
+        steps: progress.step,
+        skipped_steps: progress.skipped_steps,
+        artifacts,
+    }))
+}
+
+/// The models and settings that every step of a run uses.
+struct StepContext<'a> {
+    teacher: &'a Llama,
+    student: &'a Llama,
+    vars: &'a [(String, Var)],
+    vocab: usize,
+    distill: &'a DistillSettings,
+    batch_size: usize,
+    pad: u32,
+    device: &'a Device,
+}
+
+struct StepTotals {
+    /// Mean loss over the step's target tokens.
+    loss: f64,
+    /// Mean unscaled KL per target token.
+    kl: f64,
+    /// Mean cross-entropy per target token.
+    ce: f64,
+    n_correct: usize,
+    n_targets: usize,
+    n_tokens: usize,
+    grads: Vec<Tensor>,
+}
+
+impl StepContext<'_> {
+    /// Runs the step's micro-batches and sums their gradients, each micro-batch's loss divided
+    /// by the target tokens of the whole step, as the supervised loop does.
+    fn accumulate(
+        &self,
+        rows: &[&EncodedExample],
+        rng: &mut Rng,
+    ) -> Result<StepTotals, TrainError> {
+        let batches = rows
+            .chunks(self.batch_size)
+            .map(|chunk| Batch::new(chunk, self.pad, self.device))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let n_targets: usize = batches.iter().map(|b| b.n_targets).sum();
+        let scale = 1.0 / n_targets.max(1) as f64;
+        let mut totals = StepTotals {
+            loss: 0.0,
+            kl: 0.0,
+            ce: 0.0,
+            n_correct: 0,
+            n_targets,
+            n_tokens: batches.iter().map(|b| b.n_tokens).sum(),
+            grads: Vec::new(),
+        };
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let temperature = self.distill.temperature;
+        for batch in &batches {
+            let teacher_lp = if self.distill.kd_weight > 0.0 {
+                teacher_log_probs(self.teacher, batch, self.vocab, temperature)?
+            } else {
+                // Unused: the loss skips the distillation term at kd_weight 0.
+                Tensor::zeros(1, DType::F32, self.device)?
+            };
+            let mut ctx = ForwardContext {
+                rng: Some(&mut *rng),
+                adapters_enabled: true,
+            };
+            let logits = student_logits(self.student, batch, self.vocab, &mut ctx)?;
+            let loss = distillation_loss(
+                &logits,
+                &teacher_lp,
+                &batch.target_ids,
+                temperature,
+                self.distill.kd_weight,
+            )?;
+            let scaled = (loss.sum_loss * scale)?;
+            totals.loss += scaled.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            totals.kl += loss.sum_kl * scale;
+            totals.ce += loss.sum_ce * scale;
+            totals.n_correct += loss.n_correct;
+            let store = scaled.backward()?;
+            for (slot, (_, var)) in grads.iter_mut().zip(self.vars) {
+                if let Some(grad) = store.get(var) {
+                    *slot = Some(match slot.take() {
+                        Some(sum) => (sum + grad)?,
+                        None => grad.clone(),
+                    });
+                }
+            }
+        }
+        totals.grads = grads
+            .into_iter()
+            .zip(self.vars)
+            .map(|(grad, (name, _))| {
+                grad.ok_or_else(|| {
+                    TrainError::Candle(candle_core::Error::Msg(format!(
+                        "{name} received no gradient"
+                    )))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(totals)
+    }
+}
