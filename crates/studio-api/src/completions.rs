@@ -79,6 +79,8 @@ struct Completion {
     params: SamplingParams,
     stop: Vec<String>,
     stream: bool,
+    /// False when the request sets no token limit, so the default may shrink to fit the context.
+    max_tokens_set: bool,
 }
 
 fn invalid(message: String, param: &str) -> ApiError {
@@ -167,6 +169,7 @@ fn parse_request(body: &[u8]) -> Result<Completion, ApiError> {
         },
         stop,
         stream: request.stream,
+        max_tokens_set: request.max_completion_tokens.is_some() || request.max_tokens.is_some(),
     })
 }
 
@@ -273,6 +276,8 @@ async fn model_source(services: &Services, name: &str) -> Result<ModelSource, Ap
 }
 
 /// The models loaded most recently, newest first.
+// NOTE: keyed by name only, so a base model file replaced in the models folder keeps serving the
+// old weights until it leaves the cache or the server restarts.
 static LOADED: Mutex<Vec<(String, Arc<ChatModel>)>> = Mutex::new(Vec::new());
 /// Serialises loading, so concurrent requests for one model load it once.
 static LOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -372,11 +377,18 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let completion = parse_request(&body)?;
     let model = chat_model(&services, &completion.model).await?;
-    let context_length = model.model.config.max_position_embeddings;
+    let completion = {
+        let model = model.clone();
+        tokio::task::spawn_blocking(move || fit_context(&model, completion))
+            .await
+            .map_err(|err| {
+                ApiError::internal(format!("the prompt encoding task failed: {err}"))
+            })??
+    };
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let created = Utc::now().timestamp();
     if completion.stream {
-        return Ok(stream(model, completion, id, created, context_length));
+        return Ok(stream(model, completion, id, created));
     }
 
     let Completion {
@@ -387,7 +399,6 @@ async fn chat_completions(
         ..
     } = completion;
     let reply = tokio::task::spawn_blocking(move || {
-        check_context(&model, &messages, &params, context_length)?;
         model
             .reply(&messages, &params, &stop, &mut |_| {})
             .map_err(generation_error)
@@ -415,19 +426,22 @@ async fn chat_completions(
     .into_response())
 }
 
-/// Rejects a prompt that, with `max_tokens`, does not fit the model's context.
-fn check_context(
-    model: &ChatModel,
-    messages: &[Message],
-    params: &SamplingParams,
-    context_length: usize,
-) -> Result<(), ApiError> {
-    let prompt = model.encode_prompt(messages).map_err(generation_error)?;
+/// Rejects a prompt that, with `max_tokens`, does not fit the model's context. Without a limit
+/// in the request, the default shrinks to the room left.
+fn fit_context(model: &ChatModel, mut completion: Completion) -> Result<Completion, ApiError> {
+    let context_length = model.model.config.max_position_embeddings;
+    let prompt = model
+        .encode_prompt(&completion.messages)
+        .map_err(generation_error)?;
+    let params = &mut completion.params;
     if prompt.len() >= context_length {
         return Err(invalid(
             format!("the messages take {} tokens but the model's context holds {context_length}; send shorter messages", prompt.len()),
             "messages",
         ));
+    }
+    if !completion.max_tokens_set {
+        params.max_new_tokens = params.max_new_tokens.min(context_length - prompt.len());
     }
     if prompt.len() + params.max_new_tokens > context_length {
         return Err(invalid(
@@ -440,18 +454,12 @@ fn check_context(
             "max_tokens",
         ));
     }
-    Ok(())
+    Ok(completion)
 }
 
 /// Streams the reply as `chat.completion.chunk` events: the role first, then text pieces as
 /// they are generated, then the finish reason, then `[DONE]`.
-fn stream(
-    model: Arc<ChatModel>,
-    completion: Completion,
-    id: String,
-    created: i64,
-    context_length: usize,
-) -> Response {
+fn stream(model: Arc<ChatModel>, completion: Completion, id: String, created: i64) -> Response {
     let (sender, receiver) = tokio::sync::mpsc::channel::<Value>(64);
     let Completion {
         model: name,
@@ -473,7 +481,9 @@ fn stream(
             })
         }
     };
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
         let send = |value: Value| sender.blocking_send(value).is_ok();
         if !send(chunk(
             json!({"role": "assistant", "content": ""}),
@@ -481,17 +491,15 @@ fn stream(
         )) {
             return;
         }
-        let result = check_context(&model, &messages, &params, context_length).and_then(|()| {
-            model
-                .reply_until(&messages, &params, &stop, &mut |piece| {
-                    if send(chunk(json!({"content": piece}), Value::Null)) {
-                        Flow::Continue
-                    } else {
-                        Flow::Stop
-                    }
-                })
-                .map_err(generation_error)
-        });
+        let result = model
+            .reply_until(&messages, &params, &stop, &mut |piece| {
+                if send(chunk(json!({"content": piece}), Value::Null)) {
+                    Flow::Continue
+                } else {
+                    Flow::Stop
+                }
+            })
+            .map_err(generation_error);
         match result {
             Ok(reply) => {
                 send(chunk(json!({}), json!(reply.finish_reason.as_str())));

@@ -194,6 +194,12 @@ async fn chat_completion_rejects_bad_requests(pool: PgPool) {
             "context",
         ),
         (
+            json!({"model": "tiny-chat", "messages": hello(), "max_completion_tokens": 100000, "stream": true}),
+            StatusCode::BAD_REQUEST,
+            "max_tokens",
+            "context",
+        ),
+        (
             json!({"model": "tiny-chat", "messages": hello(), "n": 2}),
             StatusCode::BAD_REQUEST,
             "n",
@@ -315,4 +321,24 @@ async fn chat_completion_applies_job_adapter(pool: PgPool) {
         .path;
     let content = &response.json()["choices"][0]["message"]["content"];
     assert_eq!(content, &json!(expected_reply(&base, Some(&adapter), 8)));
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn chat_completion_default_limit_fits_context(pool: PgPool) {
+    let app = test_app(pool);
+    add_tiny_chat_model(&app);
+
+    let response = app
+        .post_json(
+            "/v1/chat/completions",
+            json!({"model": "tiny-chat", "messages": hello(), "temperature": 0}),
+        )
+        .await;
+
+    assert_ok(&response);
+    let total = response.json()["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(
+        total <= 64,
+        "{total} tokens do not fit the tiny model's context of 64"
+    );
 }
