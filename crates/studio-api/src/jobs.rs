@@ -80,6 +80,9 @@ async fn create_job(
     let spec = JobSpec::parse(&body, random_seed())?;
 
     services.models.resolve(&spec.model)?;
+    if let Some(distillation) = spec.distillation() {
+        check_teacher(&services, &distillation.teacher_model).await?;
+    }
     let training = check_file(&services, &spec.training_file, "training_file").await?;
     if let Some(validation_file) = &spec.validation_file {
         check_file(&services, validation_file, "validation_file").await?;
@@ -114,6 +117,23 @@ async fn create_job(
         .await?;
     tracing::info!(job_id = %job.id, model = %job.spec.model, "fine-tuning job queued");
     Ok(Json(job_object(&job)).into_response())
+}
+
+/// Checks that a distillation teacher names an installed base model or a succeeded job's
+/// `fine_tuned_model`.
+async fn check_teacher(services: &Services, teacher: &str) -> Result<(), ApiError> {
+    if services.models.resolve(teacher).is_ok() {
+        return Ok(());
+    }
+    let jobs = services.store.list_succeeded_jobs().await?;
+    if jobs.iter().any(|job| job.fine_tuned_model.as_deref() == Some(teacher)) {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        format!("teacher model '{teacher}' not found; use a base model or a succeeded job's fine_tuned_model, as GET /v1/models lists them"),
+        Some("method.distillation.teacher_model"),
+        "model_not_found",
+    ))
 }
 
 pub fn parse_json_body(body: &[u8]) -> Result<Value, ApiError> {

@@ -10,7 +10,7 @@ use studio_store::keys::{file_key, final_artifact_prefix, results_csv_key};
 use studio_store::{
     EventLevel, JobError, JobRecord, MetricPoint, NewEvent, PageRequest, Services, StoreError,
 };
-use studio_train::{ArtifactKind, RunOutcome, SftJob, TrainError};
+use studio_train::{ArtifactKind, DistillJob, DistillSettings, RunOutcome, SftJob, TrainError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -26,6 +26,15 @@ struct Prepared {
     model_path: PathBuf,
     /// The latest checkpoint of an earlier attempt, downloaded into the scratch folder.
     resume_from: Option<PathBuf>,
+    /// The teacher of a distillation job.
+    teacher: Option<Teacher>,
+}
+
+/// A distillation teacher on disk: a base model, or a job's result in the scratch folder.
+struct Teacher {
+    path: PathBuf,
+    /// The adapter of a teacher fine-tuned with LoRA, applied on the base model at `path`.
+    adapter: Option<PathBuf>,
 }
 
 /// The scratch folders of one run.
@@ -118,12 +127,55 @@ impl JobRun<'_> {
         )
         .await;
         let resume_from = self.download_latest_checkpoint(scratch).await?;
+        let teacher = match spec.distillation() {
+            Some(distillation) => Some(self.fetch_teacher(&distillation.teacher_model, scratch).await?),
+            None => None,
+        };
         Ok(Prepared {
             examples,
             validation,
             model_path: model.path,
             resume_from,
+            teacher,
         })
+    }
+
+    /// Finds a distillation teacher: an installed base model, or a succeeded job whose adapter
+    /// or model folder is downloaded into the scratch folder.
+    async fn fetch_teacher(&self, name: &str, scratch: &Scratch) -> Result<Teacher, JobError> {
+        let not_found = |message: String| JobError {
+            code: "model_not_found".into(),
+            message,
+            param: Some("method.distillation.teacher_model".into()),
+        };
+        if let Ok(base) = self.services.models.resolve(name) {
+            return Ok(Teacher { path: base.path, adapter: None });
+        }
+        // NOTE: scans every succeeded job, as chat completions do.
+        let jobs = self.retry("list succeeded jobs", || self.services.store.list_succeeded_jobs()).await.map_err(|err| {
+            internal_error(format!("cannot look up teacher model {name}: {err}"))
+        })?;
+        let Some(job) = jobs.into_iter().find(|job| job.fine_tuned_model.as_deref() == Some(name)) else {
+            return Err(not_found(format!(
+                "teacher model '{name}' not found; use a base model or a succeeded job's fine_tuned_model"
+            )));
+        };
+        let kind = if job.spec.lora().is_some() { "adapter" } else { "model" };
+        let dir = scratch.root.join("teacher").join(kind);
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        self.services
+            .artifacts
+            .get_dir(&final_artifact_prefix(&job.id, kind), &dir)
+            .await
+            .map_err(|err| internal_error(format!("cannot download teacher model {name}: {err}")))?;
+        self.event(EventLevel::Info, format!("Downloaded teacher model {name}")).await;
+        if job.spec.lora().is_none() {
+            return Ok(Teacher { path: dir, adapter: None });
+        }
+        let base = self.services.models.resolve(&job.spec.model).map_err(|err| {
+            not_found(format!("the base model of teacher {name} is no longer installed: {err}"))
+        })?;
+        Ok(Teacher { path: base.path, adapter: Some(dir) })
     }
 
     /// Reads and parses an uploaded dataset; `role` is `training` or `validation`.
@@ -494,6 +546,23 @@ fn run_trainer(
         // The API builds the merged model on its first download, so jobs store only the adapter.
         export_merged: false,
     };
+    if let (Some(distillation), Some(teacher)) = (spec.distillation(), &prepared.teacher) {
+        let job = DistillJob {
+            sft: job,
+            teacher_path: &teacher.path,
+            teacher_adapter: teacher.adapter.as_deref(),
+            teacher_name: &distillation.teacher_model,
+            distill: DistillSettings {
+                temperature: distillation.hyperparameters.temperature,
+                kd_weight: distillation.hyperparameters.kd_weight,
+                student_layers: distillation
+                    .student_layers
+                    .as_ref()
+                    .map(|layers| layers.iter().map(|&layer| layer as usize).collect()),
+            },
+        };
+        return trainer.run_distillation(&job, &mut observer);
+    }
     trainer.run_sft(&job, &mut observer)
 }
 

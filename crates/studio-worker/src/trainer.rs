@@ -1,4 +1,4 @@
-use studio_train::{RunOutcome, SftJob, TrainError, TrainObserver};
+use studio_train::{DistillJob, RunOutcome, SftJob, TrainError, TrainObserver};
 
 /// The training step of a job, behind a trait so tests can replace the real trainer with a
 /// fast fake. Called on a blocking thread.
@@ -8,6 +8,15 @@ pub trait Trainer: Send + Sync + 'static {
         job: &SftJob<'_>,
         observer: &mut dyn TrainObserver,
     ) -> Result<RunOutcome, TrainError>;
+
+    /// Runs a distillation job. Trainers that serve only supervised jobs keep this default,
+    /// which fails the job.
+    fn run_distillation(&self, _job: &DistillJob<'_>, _observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
+        Err(TrainError::InvalidData {
+            message: "this worker's trainer does not run distillation jobs; use the candle trainer".into(),
+            param: Some("method.type".into()),
+        })
+    }
 }
 
 /// The candle trainer of `studio-train`.
@@ -21,5 +30,9 @@ impl Trainer for CandleTrainer {
         observer: &mut dyn TrainObserver,
     ) -> Result<RunOutcome, TrainError> {
         studio_train::run_sft(job, observer)
+    }
+
+    fn run_distillation(&self, job: &DistillJob<'_>, observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
+        studio_train::run_distillation(job, observer)
     }
 }

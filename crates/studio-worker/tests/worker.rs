@@ -1024,3 +1024,89 @@ async fn rescue_writes_job_event(pool: PgPool) {
     assert!(rescue.is_some(), "{events:?}");
     assert!(rescue < restart, "{events:?}");
 }
+
+/// What a distillation run is handed.
+#[derive(Clone, Debug)]
+struct SeenDistillation {
+    teacher_path: PathBuf,
+    teacher_name: String,
+    distill: studio_train::DistillSettings,
+    approach: Approach,
+    examples: usize,
+}
+
+/// Records the distillation job and succeeds with a full model folder.
+struct DistillTrainer {
+    seen: Arc<Mutex<Option<SeenDistillation>>>,
+}
+
+impl Trainer for DistillTrainer {
+    fn run_sft(&self, _job: &SftJob<'_>, _observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
+        panic!("a distillation job must not run as a supervised one");
+    }
+
+    fn run_distillation(&self, job: &studio_train::DistillJob<'_>, observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
+        *self.seen.lock().unwrap() = Some(SeenDistillation {
+            teacher_path: job.teacher_path.to_path_buf(),
+            teacher_name: job.teacher_name.to_string(),
+            distill: job.distill.clone(),
+            approach: job.sft.approach.clone(),
+            examples: job.sft.examples.len(),
+        });
+        observer.on_step(&metrics(1, 1));
+        Ok(succeeded(1, write_artifacts(&job.sft)?))
+    }
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn distillation_job_runs_the_distillation_trainer(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup
+        .queue_job_with(json!({
+            "model": "tiny",
+            "training_type": {"type": "full"},
+            "method": {"type": "distillation", "distillation": {
+                "teacher_model": "tiny", "student_layers": [0, 1],
+                "hyperparameters": {"temperature": 3, "kd_weight": 0.25}}},
+        }))
+        .await;
+    let seen = Arc::new(Mutex::new(None));
+    let trainer = DistillTrainer { seen: seen.clone() };
+    let worker = Worker::new(setup.services.clone(), setup.settings.clone(), Arc::new(trainer));
+
+    worker.run_next_job(not_stopped()).await.unwrap();
+    let job = setup.services.store.get_job(&id).await.unwrap();
+    let seen = seen.lock().unwrap().clone().expect("the distillation trainer ran");
+
+    assert_eq!(job.status, JobStatus::Succeeded, "{:?}", job.error);
+    assert_eq!(seen.teacher_name, "tiny");
+    assert!(seen.teacher_path.ends_with("models/tiny.gguf"), "{}", seen.teacher_path.display());
+    assert_eq!(seen.distill.temperature, 3.0);
+    assert_eq!(seen.distill.kd_weight, 0.25);
+    assert_eq!(seen.distill.student_layers, Some(vec![0, 1]));
+    assert_eq!(seen.approach, Approach::Full);
+    assert_eq!(seen.examples, 2);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn distillation_with_unknown_teacher_fails_before_training(pool: PgPool) {
+    let setup = setup(pool).await;
+    let id = setup
+        .queue_job_with(json!({
+            "model": "tiny",
+            "method": {"type": "distillation", "distillation": {"teacher_model": "no-such-teacher"}},
+        }))
+        .await;
+    let seen = Arc::new(Mutex::new(None));
+    let worker = Worker::new(setup.services.clone(), setup.settings.clone(), Arc::new(DistillTrainer { seen: seen.clone() }));
+
+    worker.run_next_job(not_stopped()).await.unwrap();
+    let job = setup.services.store.get_job(&id).await.unwrap();
+    let error = job.error.expect("the job failed");
+
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(error.code, "model_not_found");
+    assert_eq!(error.param.as_deref(), Some("method.distillation.teacher_model"));
+    assert!(error.message.contains("no-such-teacher"), "{}", error.message);
+    assert!(seen.lock().unwrap().is_none(), "the trainer must not run");
+}
