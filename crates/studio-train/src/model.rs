@@ -382,8 +382,8 @@ impl Llama {
         let (cos, sin) = rotary_tables(&self.config, offset + n, &self.device)?;
         let cos = cos.narrow(0, offset, n)?.to_dtype(dtype)?;
         let sin = sin.narrow(0, offset, n)?.to_dtype(dtype)?;
-        // Query i sits at position offset + i and sees keys 0..=offset + i. A single new token
-        // sees every key, so it needs no mask.
+        // Query i is at position offset + i and attends to keys 0..=offset + i. A single new
+        // token attends to every key, so it needs no mask.
         let bias = if n > 1 {
             let total = offset + n;
             let mut bias = vec![f32::NEG_INFINITY; n * total];
