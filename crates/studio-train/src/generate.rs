@@ -684,6 +684,40 @@ mod tests {
     }
 
     #[test]
+    fn generate_chat_reply_ends_at_stop_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tiny::write_tiny_model_folder(dir.path(), "mistral", 8).unwrap();
+        let chat = ChatModel::load(dir.path(), None, &Device::Cpu).unwrap();
+        let messages = vec![Message {
+            role: studio_core::dataset::Role::User,
+            content: "tell me more".into(),
+            weight: None,
+        }];
+        let free = chat
+            .reply(&messages, &greedy(16), &[], &mut |_| {})
+            .unwrap();
+        let chars: Vec<char> = free.text.chars().collect();
+        assert!(
+            chars.len() >= 4,
+            "the tiny model replied too little to test: {:?}",
+            free.text
+        );
+        let stop: String = chars[2..4].iter().collect();
+        let before = &free.text[..free.text.find(&stop).unwrap()];
+
+        let mut streamed = String::new();
+        let stopped = chat
+            .reply(&messages, &greedy(16), &[stop.clone()], &mut |piece| {
+                streamed.push_str(piece)
+            })
+            .unwrap();
+
+        assert_eq!(stopped.text, before, "stop {stop:?} in {:?}", free.text);
+        assert_eq!(streamed, before);
+        assert_eq!(stopped.finish_reason, FinishReason::Stop);
+    }
+
+    #[test]
     fn generate_chat_reply_on_a_tiny_folder() {
         let dir = tempfile::tempdir().unwrap();
         crate::tiny::write_tiny_model_folder(dir.path(), "llama", 3).unwrap();
