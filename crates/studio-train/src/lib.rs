@@ -9,6 +9,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dpo;
 pub mod distill;
 mod error;
 pub mod estimate;
@@ -35,4 +36,5 @@ pub use run::{
     MAX_CONSECUTIVE_SKIPPED_STEPS,
 };
 pub use generate::{generate, ChatModel, ChatReply, FinishReason, SamplingParams};
+pub use dpo::{run_dpo, DpoJob, PreferenceMetrics};
 pub use schedule::DecayKind;

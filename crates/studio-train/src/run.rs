@@ -176,6 +176,11 @@ pub enum StopRequest {
 /// Receives progress from a run. Called on the training thread, so keep each call cheap.
 pub trait TrainObserver {
     fn on_step(&mut self, metrics: &StepMetrics);
+    /// Receives a DPO step with its rewards; observers that record only the common figures
+    /// need not override it.
+    fn on_preference_step(&mut self, metrics: &StepMetrics, _preference: &crate::dpo::PreferenceMetrics) {
+        self.on_step(metrics);
+    }
     fn on_event(&mut self, level: EventLevel, message: &str);
     /// Checked before the first step and after each step; a request stops the run without
     /// writing its artifacts.

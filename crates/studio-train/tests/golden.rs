@@ -19,6 +19,8 @@ use studio_train::LoraSettings;
 
 #[path = "golden/distill.rs"]
 mod distill;
+#[path = "golden/dpo.rs"]
+mod dpo;
 #[path = "golden/generate.rs"]
 mod generate;
 
