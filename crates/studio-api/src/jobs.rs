@@ -84,6 +84,16 @@ async fn create_job(
         check_teacher(&services, &distillation.teacher_model).await?;
     }
     let training = check_file(&services, &spec.training_file, "training_file").await?;
+    if training.format == studio_core::dataset::DatasetFormat::Prompts && spec.distillation().is_none() {
+        return Err(ApiError::invalid(
+            format!(
+                "training_file {} holds prompts without replies, which only a distillation job uses (its teacher writes the replies); upload conversations that end with an assistant reply",
+                training.id
+            ),
+            Some("training_file"),
+            "invalid_training_file",
+        ));
+    }
     if let Some(validation_file) = &spec.validation_file {
         check_file(&services, validation_file, "validation_file").await?;
     }

@@ -51,6 +51,9 @@ pub enum DatasetFormat {
     /// Preference pairs for DPO: OpenAI's `{"input": {"messages"}, "preferred_output",
     /// "non_preferred_output"}` or `{"prompt", "chosen", "rejected"}` (see [`PreferencePair`]).
     Preference,
+    /// Prompts alone, for distillation, whose teacher writes the replies: `{"messages"}` ending
+    /// with a user turn, or `{"prompt"}` without a completion.
+    Prompts,
 }
 
 impl DatasetFormat {
@@ -60,6 +63,7 @@ impl DatasetFormat {
             DatasetFormat::PromptCompletion => "prompt_completion",
             DatasetFormat::Alpaca => "alpaca",
             DatasetFormat::Preference => "preference",
+            DatasetFormat::Prompts => "prompts",
         }
     }
 
@@ -70,6 +74,7 @@ impl DatasetFormat {
             DatasetFormat::PromptCompletion,
             DatasetFormat::Alpaca,
             DatasetFormat::Preference,
+            DatasetFormat::Prompts,
         ]
         .into_iter()
         .find(|format| format.as_str() == name)
@@ -129,6 +134,8 @@ pub enum LineProblem {
     EmptyResponse(String),
     #[error("fields '{0}' and '{1}' are the same text, so the pair prefers nothing")]
     IdenticalResponses(String, String),
+    #[error("field '{0}' is an empty prompt")]
+    EmptyPrompt(String),
     #[error("the last turn of '{0}' is from the {1}; a prompt must end with a user turn")]
     PromptNotEndingWithUser(String, &'static str),
 }
@@ -156,6 +163,7 @@ pub fn parse_line(line: usize, text: &str) -> Result<ParsedLine, LineError> {
         DatasetFormat::PromptCompletion => parse_prompt_completion(&object),
         DatasetFormat::Alpaca => parse_alpaca(&object),
         DatasetFormat::Preference => parse_preference(&object).map(|(pair, unknown)| (pair.as_chosen_conversation(), unknown)),
+        DatasetFormat::Prompts => parse_prompts(&object),
     }
     .map_err(at)?;
     Ok(ParsedLine {
@@ -268,8 +276,12 @@ fn detect_format(object: &Object) -> Result<DatasetFormat, LineProblem> {
     let has = |key| object.contains_key(key);
     if PREFERENCE_KEYS.iter().any(|key| has(*key)) {
         Ok(DatasetFormat::Preference)
+    } else if has("messages") && ends_with_user_turn(object) {
+        Ok(DatasetFormat::Prompts)
     } else if has("messages") {
         Ok(DatasetFormat::Chat)
+    } else if has("prompt") && !has("completion") {
+        Ok(DatasetFormat::Prompts)
     } else if has("prompt") || has("completion") {
         Ok(DatasetFormat::PromptCompletion)
     } else if has("instruction") || has("output") {
@@ -287,7 +299,33 @@ fn count_unknown(object: &Object, known: &[&str]) -> usize {
         .count()
 }
 
+/// Tells whether `messages` is a list whose last entry is a user turn.
+fn ends_with_user_turn(object: &Object) -> bool {
+    let last = object.get("messages").and_then(|m| m.as_array()).and_then(|items| items.last());
+    last.and_then(|turn| turn.get("role")).and_then(|role| role.as_str()) == Some("user")
+}
+
 fn parse_chat(object: &Object) -> Result<(Conversation, usize), LineProblem> {
+    let (messages, unknown_keys) = parse_message_list(object)?;
+    check_turns(&messages)?;
+    Ok((Conversation { messages }, unknown_keys))
+}
+
+/// Parses a prompt for a teacher to answer: a message list ending with a user turn (checked by
+/// [`detect_format`]), or a `prompt` string as one user turn.
+fn parse_prompts(object: &Object) -> Result<(Conversation, usize), LineProblem> {
+    if object.contains_key("messages") {
+        let (messages, unknown_keys) = parse_message_list(object)?;
+        return Ok((Conversation { messages }, unknown_keys));
+    }
+    let prompt = string(object, "prompt", "prompt")?;
+    if prompt.trim().is_empty() {
+        return Err(LineProblem::EmptyPrompt("prompt".into()));
+    }
+    Ok((Conversation { messages: vec![turn(Role::User, prompt)] }, count_unknown(object, &["prompt"])))
+}
+
+fn parse_message_list(object: &Object) -> Result<(Vec<Message>, usize), LineProblem> {
     let items = match field(object, "messages", "messages")? {
         serde_json::Value::Array(items) => items,
         other => return Err(wrong_type("messages", "a list of messages", other)),
@@ -305,8 +343,7 @@ fn parse_chat(object: &Object) -> Result<(Conversation, usize), LineProblem> {
         unknown_keys += count_unknown(turn, &["role", "content", "weight"]);
         messages.push(parse_message(turn, &path)?);
     }
-    check_turns(&messages)?;
-    Ok((Conversation { messages }, unknown_keys))
+    Ok((messages, unknown_keys))
 }
 
 fn parse_message(turn: &Object, path: &str) -> Result<Message, LineProblem> {
@@ -657,9 +694,10 @@ mod tests {
                 LineProblem::UnknownFormat("text".into()),
             ),
             (
-                r#"{"prompt":"hi"}"#,
-                LineProblem::MissingField("completion".into()),
+                r#"{"completion":"hi"}"#,
+                LineProblem::MissingField("prompt".into()),
             ),
+            (r#"{"prompt":" "}"#, LineProblem::EmptyPrompt("prompt".into())),
             (
                 r#"{"prompt":null,"completion":"x"}"#,
                 LineProblem::NullField("prompt".into()),
@@ -684,12 +722,12 @@ mod tests {
                 LineProblem::EmptyAssistantContent("messages[1].content".into()),
             ),
             (
-                r#"{"messages":[{"role":"user","content":"x"}]}"#,
+                r#"{"messages":[{"role":"system","content":"x"}]}"#,
                 LineProblem::NoAssistantTurn,
             ),
             (
-                r#"{"messages":[{"role":"assistant","content":"x"},{"role":"user","content":"y"}]}"#,
-                LineProblem::LastTurnNotAssistant("user"),
+                r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y"},{"role":"system","content":"z"}]}"#,
+                LineProblem::LastTurnNotAssistant("system"),
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y","weight":0}]}"#,
@@ -719,11 +757,46 @@ mod tests {
 
     #[test]
     fn error_message_names_the_line() {
-        let err = parse_line(7, r#"{"prompt":"hi"}"#).unwrap_err();
+        let err = parse_line(7, r#"{"completion":"hi"}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "line 7: missing required field 'completion'"
+            "line 7: missing required field 'prompt'"
         );
+    }
+
+    #[test]
+    fn prompts_alone_parse_as_user_turns() {
+        let parsed = parse_line(1, r#"{"prompt":"Hi there"}"#).unwrap();
+        assert_eq!(parsed.format, DatasetFormat::Prompts);
+        assert_eq!(parsed.conversation.messages, vec![turn(Role::User, "Hi there".into())]);
+
+        let text = r#"{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"}],"source":"x"}"#;
+        let parsed = parse_line(1, text).unwrap();
+        assert_eq!(parsed.format, DatasetFormat::Prompts);
+        assert_eq!(parsed.conversation.messages.len(), 2);
+        assert_eq!(parsed.unknown_keys, 1);
+        assert_eq!(DatasetFormat::from_name("prompts"), Some(DatasetFormat::Prompts));
+    }
+
+    #[test]
+    fn shared_prompts_file_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/distill_prompts.jsonl");
+        let bytes = std::fs::read(path).unwrap_or_else(|err| panic!("{path}: {err}"));
+        let (conversations, summary) = parse_dataset(&bytes).unwrap();
+        assert_eq!(summary.format, DatasetFormat::Prompts);
+        assert_eq!(conversations.len(), 500);
+        assert!(conversations.iter().all(|c| c.messages.last().unwrap().role == Role::User));
+    }
+
+    #[test]
+    fn prompts_and_chat_lines_do_not_mix() {
+        let bytes = concat!(
+            r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":"y"}]}"#,
+            "\n",
+            r#"{"prompt":"z"}"#,
+        );
+        let err = parse_dataset(bytes.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("prompts format"), "{err}");
     }
 
     #[test]

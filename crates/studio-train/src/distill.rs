@@ -10,12 +10,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use studio_core::dataset::{Conversation, Message, Role};
 
 use crate::batch::Batch;
 use crate::chat::EncodedExample;
 use crate::checkpoint;
 use crate::data::{encode_examples, hold_out};
 use crate::export::FolderMetadata;
+use crate::generate::{ChatModel, SamplingParams};
 use crate::loader::{load_model, LoadedModel};
 use crate::lora;
 use crate::model::{ForwardContext, Llama};
@@ -276,6 +278,33 @@ fn student_logits(
     let hidden = student.hidden_states(&batch.input_ids, &batch.lengths, ctx)?;
     let hidden = hidden.index_select(&batch.target_positions, 0)?;
     student.logits(&hidden)?.narrow(1, 0, vocab)
+}
+
+/// Has the teacher write the assistant reply to each prompt (a conversation ending with a user
+/// turn), so a prompts-only file becomes a supervised one. `on_progress` receives the number of
+/// replies written so far after each one.
+pub fn teacher_replies(
+    teacher_path: &Path,
+    teacher_adapter: Option<&Path>,
+    prompts: &[Conversation],
+    params: &SamplingParams,
+    on_progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Conversation>, TrainError> {
+    params.validate()?;
+    let teacher = ChatModel::load(teacher_path, teacher_adapter, &Device::Cpu)?;
+    let mut conversations = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let reply = teacher.reply(&prompt.messages, params, &[], &mut |_| {})?;
+        let mut messages = prompt.messages.clone();
+        messages.push(Message {
+            role: Role::Assistant,
+            content: reply.text,
+            weight: None,
+        });
+        conversations.push(Conversation { messages });
+        on_progress(conversations.len());
+    }
+    Ok(conversations)
 }
 
 fn validate_distill(settings: &DistillSettings) -> Result<(), TrainError> {

@@ -4,6 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
+use studio_core::dataset::{DatasetFormat, Role};
+use studio_store::NewFile;
+use studio_train::distill::teacher_replies;
+use studio_train::generate::SamplingParams;
 use studio_core::dataset::{parse_dataset, Conversation};
 use studio_core::{FileId, JobSpec, JobStatus};
 use studio_store::keys::{file_key, final_artifact_prefix, results_csv_key};
@@ -131,6 +136,10 @@ impl JobRun<'_> {
             Some(distillation) => Some(self.fetch_teacher(&distillation.teacher_model, scratch).await?),
             None => None,
         };
+        let examples = match &teacher {
+            Some(teacher) if is_prompts_only(&examples) => self.write_teacher_replies(teacher, examples).await?,
+            _ => examples,
+        };
         Ok(Prepared {
             examples,
             validation,
@@ -138,6 +147,68 @@ impl JobRun<'_> {
             resume_from,
             teacher,
         })
+    }
+
+    /// Has the teacher answer a prompts-only training file, greedily, and stores the result as a
+    /// new fine-tune file whose id an event names, so the user can fetch it.
+    async fn write_teacher_replies(&self, teacher: &Teacher, prompts: Vec<Conversation>) -> Result<Vec<Conversation>, JobError> {
+        let spec = &self.job.spec;
+        self.event(EventLevel::Info, format!("The teacher is writing replies to {} prompts", prompts.len())).await;
+        let params = SamplingParams {
+            max_new_tokens: (spec.hyperparameters().max_seq_len as usize).min(MAX_TEACHER_REPLY_TOKENS),
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: spec.seed,
+        };
+        let (path, adapter) = (teacher.path.clone(), teacher.adapter.clone());
+        let job_id = self.job.id.clone();
+        // NOTE: a cancel or pause takes effect only once every reply is written.
+        let conversations = tokio::task::spawn_blocking(move || {
+            let mut progress = |done: usize| {
+                if done % 25 == 0 {
+                    tracing::info!(job_id = %job_id, done, "teacher replies written");
+                }
+            };
+            teacher_replies(&path, adapter.as_deref(), &prompts, &params, &mut progress)
+        })
+        .await
+        .map_err(|err| internal_error(format!("the teacher stopped unexpectedly: {err}")))?
+        .map_err(|err| train_error(&err))?;
+
+        let mut bytes = Vec::new();
+        for conversation in &conversations {
+            let messages: Vec<serde_json::Value> = conversation
+                .messages
+                .iter()
+                .map(|m| serde_json::json!({"role": m.role.as_str(), "content": m.content}))
+                .collect();
+            bytes.extend_from_slice(serde_json::json!({ "messages": messages }).to_string().as_bytes());
+            bytes.push(b'\n');
+        }
+        let file = FileId::new();
+        let new_file = NewFile {
+            id: file.clone(),
+            filename: format!("{}-teacher-replies.jsonl", self.job.id),
+            purpose: "fine-tune".into(),
+            bytes: bytes.len() as u64,
+            sha256: format!("{:x}", Sha256::digest(&bytes)),
+            format: DatasetFormat::Chat,
+            line_count: conversations.len() as u64,
+        };
+        let stored = async {
+            self.services.artifacts.put_bytes(&file_key(&file), &bytes).await?;
+            self.retry("insert the teacher's replies", || self.services.store.insert_file(&new_file)).await
+        };
+        stored
+            .await
+            .map_err(|err| internal_error(format!("cannot store the teacher's replies as file {file}: {err}")))?;
+        self.event(
+            EventLevel::Info,
+            format!("The teacher's replies are in file {file}; fetch them from /v1/files/{file}/content"),
+        )
+        .await;
+        Ok(conversations)
     }
 
     /// Finds a distillation teacher: an installed base model, or a succeeded job whose adapter
@@ -588,6 +659,14 @@ fn results_csv(metrics: &[MetricPoint]) -> String {
         ));
     }
     csv
+}
+
+/// The longest reply the teacher writes for a prompts-only training file, in tokens.
+const MAX_TEACHER_REPLY_TOKENS: usize = 256;
+
+/// Tells whether every conversation ends with a user turn, as a prompts-only file's do.
+fn is_prompts_only(conversations: &[Conversation]) -> bool {
+    conversations.iter().all(|c| c.messages.last().is_some_and(|m| m.role == Role::User))
 }
 
 fn train_error(err: &TrainError) -> JobError {

@@ -1110,3 +1110,79 @@ async fn distillation_with_unknown_teacher_fails_before_training(pool: PgPool) {
     assert!(error.message.contains("no-such-teacher"), "{}", error.message);
     assert!(seen.lock().unwrap().is_none(), "the trainer must not run");
 }
+
+/// Records the conversations a distillation run trains on.
+struct ExamplesTrainer {
+    seen: Arc<Mutex<Vec<studio_core::dataset::Conversation>>>,
+}
+
+impl Trainer for ExamplesTrainer {
+    fn run_sft(&self, _job: &SftJob<'_>, _observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
+        panic!("a distillation job must not run as a supervised one");
+    }
+
+    fn run_distillation(&self, job: &studio_train::DistillJob<'_>, _observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
+        *self.seen.lock().unwrap() = job.sft.examples.to_vec();
+        Ok(succeeded(1, write_artifacts(&job.sft)?))
+    }
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
+    use studio_core::dataset::Role;
+
+    let setup = setup(pool).await;
+    let models = setup.services.models.dir().to_path_buf();
+    studio_train::tiny::write_tiny_model_folder(&models.join("tiny-hf"), "llama", 3).unwrap();
+    let prompts = concat!(
+        r#"{"prompt": "Hi"}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "Name a colour"}]}"#,
+        "\n",
+    );
+    let file = FileId::new();
+    setup.services.artifacts.put_bytes(&file_key(&file), prompts.as_bytes()).await.unwrap();
+    let new_file = NewFile {
+        id: file.clone(),
+        filename: "prompts.jsonl".into(),
+        purpose: "fine-tune".into(),
+        bytes: prompts.len() as u64,
+        sha256: "0".repeat(64),
+        format: DatasetFormat::Prompts,
+        line_count: 2,
+    };
+    setup.services.store.insert_file(&new_file).await.unwrap();
+    let body = json!({
+        "model": "tiny-hf", "training_file": file.as_str(), "training_type": {"type": "full"},
+        "method": {"type": "distillation", "distillation": {"teacher_model": "tiny-hf",
+            "hyperparameters": {"max_seq_len": 16}}},
+    });
+    let job = NewJob { id: JobId::new(), spec: JobSpec::parse(&body, 5).unwrap(), max_attempts: 3, idempotency_key: None, request_hash: None };
+    setup.services.store.insert_job(&job).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let worker = Worker::new(setup.services.clone(), setup.settings.clone(), Arc::new(ExamplesTrainer { seen: seen.clone() }));
+
+    worker.run_next_job(not_stopped()).await.unwrap();
+    let record = setup.services.store.get_job(&job.id).await.unwrap();
+    let examples = seen.lock().unwrap().clone();
+    let events = setup.event_messages(&job.id).await;
+    let stored = events
+        .iter()
+        .find_map(|message| message.strip_prefix("The teacher's replies are in file "))
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_else(|| panic!("no event names the replies file: {events:?}"));
+    let stored = FileId::parse(stored).unwrap();
+    let content = setup.services.artifacts.read(&file_key(&stored)).await.unwrap();
+    let content = String::from_utf8(content.to_vec()).unwrap();
+    let record_file = setup.services.store.get_file(&stored).await.unwrap();
+
+    assert_eq!(record.status, JobStatus::Succeeded, "{:?}", record.error);
+    assert_eq!(examples.len(), 2);
+    assert!(examples.iter().all(|c| c.messages.last().unwrap().role == Role::Assistant), "{examples:?}");
+    assert_eq!(examples[0].messages[0].content, "Hi");
+    assert_eq!(content.lines().count(), 2);
+    assert!(content.lines().all(|line| line.contains(r#""role":"assistant""#)), "{content}");
+    assert_eq!(record_file.format, DatasetFormat::Chat);
+    assert_eq!(record_file.purpose, "fine-tune");
+    assert_eq!(record_file.bytes, content.len() as u64);
+}

@@ -462,3 +462,28 @@ fn distill_real_student_moves_toward_teacher() {
         "mean KL fell from {before} to {after}, less than 30%"
     );
 }
+
+#[test]
+fn distill_teacher_replies_end_each_prompt() {
+    use studio_core::dataset::{Message, Role};
+    use studio_train::distill::teacher_replies;
+    use studio_train::generate::SamplingParams;
+
+    let dir = tiny_folder("distill-tiny-replies");
+    let prompt = |text: &str| Conversation {
+        messages: vec![Message { role: Role::User, content: text.into(), weight: None }],
+    };
+    let prompts = [prompt("Hello"), prompt("Name a colour")];
+    let params = SamplingParams { max_new_tokens: 5, ..SamplingParams::default() };
+    let mut progress = Vec::new();
+    let replies = teacher_replies(&dir, None, &prompts, &params, &mut |done| progress.push(done)).unwrap();
+    let again = teacher_replies(&dir, None, &prompts, &params, &mut |_| {}).unwrap();
+
+    assert_eq!(progress, [1, 2]);
+    assert_eq!(replies, again, "greedy replies are deterministic");
+    for (reply, prompt) in replies.iter().zip(&prompts) {
+        assert_eq!(reply.messages.len(), 2);
+        assert_eq!(reply.messages[0], prompt.messages[0]);
+        assert_eq!(reply.messages[1].role, Role::Assistant);
+    }
+}
