@@ -18,6 +18,9 @@ mod event_stream;
 #[path = "api/chat_completions.rs"]
 mod chat_completions;
 
+#[path = "api/distillation.rs"]
+mod distillation;
+
 #[path = "api/queue_controls.rs"]
 mod queue_controls;
 

@@ -1,0 +1,71 @@
+//! Creating distillation jobs: the teacher is checked at create, and a prompts-only file is
+//! accepted for distillation alone.
+
+use axum::http::StatusCode;
+use serde_json::json;
+use sqlx::PgPool;
+
+use super::test_app;
+
+fn distillation(teacher: &str) -> serde_json::Value {
+    json!({"type": "distillation", "distillation": {"teacher_model": teacher,
+        "hyperparameters": {"temperature": 3, "kd_weight": 0.25}}})
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn distillation_with_unknown_teacher_is_rejected(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+
+    let body = json!({"model": "tiny", "training_file": file_id, "method": distillation("huge")});
+    let response = app.post_json("/v1/fine_tuning/jobs", body).await;
+    let error = &response.json()["error"];
+
+    assert_eq!(response.status, StatusCode::BAD_REQUEST);
+    assert_eq!(error["code"], "model_not_found");
+    assert_eq!(error["param"], "method.distillation.teacher_model");
+    assert!(response.error_message().contains("'huge'"), "{}", response.error_message());
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn distillation_job_echoes_its_method(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+
+    let body = json!({"model": "tiny", "training_file": file_id, "method": distillation("tiny")});
+    let response = app.post_json("/v1/fine_tuning/jobs", body).await;
+    let job = response.json();
+
+    assert_eq!(response.status, StatusCode::OK, "{job}");
+    assert_eq!(job["method"]["type"], "distillation");
+    assert_eq!(job["method"]["distillation"]["teacher_model"], "tiny");
+    assert_eq!(job["method"]["distillation"]["hyperparameters"]["temperature"], 3.0);
+    assert_eq!(job["method"]["distillation"]["hyperparameters"]["kd_weight"], 0.25);
+    assert_eq!(job["method"]["distillation"]["hyperparameters"]["n_epochs"], 3);
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn prompts_file_is_for_distillation_only(pool: PgPool) {
+    let app = test_app(pool);
+    let upload = app
+        .upload("prompts.jsonl", "fine-tune", "{\"prompt\": \"Hi\"}\n{\"prompt\": \"Bye\"}\n")
+        .await;
+    assert_eq!(upload.status, StatusCode::OK, "{}", String::from_utf8_lossy(&upload.body));
+    assert_eq!(upload.json()["format"], "prompts");
+    let file_id = upload.json()["id"].as_str().unwrap().to_owned();
+
+    let supervised = app
+        .post_json("/v1/fine_tuning/jobs", json!({"model": "tiny", "training_file": file_id}))
+        .await;
+    let distilled = app
+        .post_json(
+            "/v1/fine_tuning/jobs",
+            json!({"model": "tiny", "training_file": file_id, "method": distillation("tiny")}),
+        )
+        .await;
+
+    assert_eq!(supervised.status, StatusCode::BAD_REQUEST);
+    assert_eq!(supervised.json()["error"]["code"], "invalid_training_file");
+    assert!(supervised.error_message().contains("prompts without replies"), "{}", supervised.error_message());
+    assert_eq!(distilled.status, StatusCode::OK, "{}", String::from_utf8_lossy(&distilled.body));
+}
