@@ -35,6 +35,10 @@ fn metric_object(point: &MetricPoint) -> Value {
         "grad_norm": point.grad_norm,
         "tokens_per_second": point.tokens_per_second,
         "trained_tokens": point.trained_tokens,
+        "reward_chosen": point.rewards.map(|r| r.reward_chosen),
+        "reward_rejected": point.rewards.map(|r| r.reward_rejected),
+        "reward_accuracy": point.rewards.map(|r| r.reward_accuracy),
+        "reward_margin": point.rewards.map(|r| r.reward_margin),
     })
 }
 
@@ -94,6 +98,7 @@ mod tests {
             grad_norm: 1.0,
             tokens_per_second: 1.0,
             trained_tokens: step,
+            rewards: None,
         }
     }
 

@@ -660,6 +660,7 @@ async fn metrics_are_listed_by_step(pool: PgPool) {
             grad_norm: 1.0,
             tokens_per_second: 50.0,
             trained_tokens: step * 10,
+            rewards: None,
         })
         .collect();
     app.services
@@ -992,6 +993,12 @@ async fn metrics_include_token_accuracy(pool: PgPool) {
         grad_norm: 1.0,
         tokens_per_second: 10.0,
         trained_tokens: step,
+        rewards: (step == 2).then_some(studio_store::RewardMetrics {
+            reward_chosen: 0.5,
+            reward_rejected: -0.25,
+            reward_accuracy: 1.0,
+            reward_margin: 0.75,
+        }),
     };
     app.services
         .store
@@ -1009,6 +1016,11 @@ async fn metrics_include_token_accuracy(pool: PgPool) {
     assert_eq!(metrics["data"][0]["valid_mean_token_accuracy"], Value::Null);
     assert_eq!(metrics["data"][1]["valid_loss"], 1.5);
     assert_eq!(metrics["data"][1]["valid_mean_token_accuracy"], 0.75);
+    assert_eq!(metrics["data"][0]["reward_margin"], Value::Null);
+    assert_eq!(metrics["data"][1]["reward_chosen"], 0.5);
+    assert_eq!(metrics["data"][1]["reward_rejected"], -0.25);
+    assert_eq!(metrics["data"][1]["reward_accuracy"], 1.0);
+    assert_eq!(metrics["data"][1]["reward_margin"], 0.75);
 }
 
 /// Links the demo model into the test's models folder. Panics when it is missing, so a

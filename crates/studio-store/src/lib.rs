@@ -36,7 +36,7 @@ pub use sqlite::{sqlite_path, SqliteStore};
 pub use records::{
     CancelOutcome, CheckpointRecord, EventLevel, EventRecord, EventType, FileRecord, Heartbeat,
     JobError, JobRecord, MetricPoint, NewCheckpoint, NewEvent, NewFile, NewJob, Page, PageRequest,
-    PauseOutcome, RescuedJob,
+    PauseOutcome, RescuedJob, RewardMetrics,
 };
 pub use retry::{retry_delay, RETRY_BASE_DELAY, RETRY_MAX_DELAY};
 pub use store::Store;

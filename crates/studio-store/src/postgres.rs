@@ -727,14 +727,18 @@ impl Store for PgStore {
         let result = sqlx::query(
             "INSERT INTO job_metrics (job_id, step, created_at, epoch, train_loss, valid_loss, learning_rate,
                                       grad_norm, tokens_per_second, trained_tokens,
-                                      train_mean_token_accuracy, valid_mean_token_accuracy)
+                                      train_mean_token_accuracy, valid_mean_token_accuracy,
+                                      reward_chosen, reward_rejected, reward_accuracy, reward_margin)
              SELECT $1, m.step, $3, m.epoch, m.train_loss, m.valid_loss, m.learning_rate, m.grad_norm,
                     m.tokens_per_second, m.trained_tokens, m.train_mean_token_accuracy,
-                    m.valid_mean_token_accuracy
+                    m.valid_mean_token_accuracy, m.reward_chosen, m.reward_rejected, m.reward_accuracy,
+                    m.reward_margin
              FROM UNNEST($4::BIGINT[], $5::FLOAT8[], $6::FLOAT8[], $7::FLOAT8[], $8::FLOAT8[], $9::FLOAT8[],
-                         $10::FLOAT8[], $11::BIGINT[], $12::FLOAT8[], $13::FLOAT8[])
+                         $10::FLOAT8[], $11::BIGINT[], $12::FLOAT8[], $13::FLOAT8[], $14::FLOAT8[],
+                         $15::FLOAT8[], $16::FLOAT8[], $17::FLOAT8[])
                   AS m(step, epoch, train_loss, valid_loss, learning_rate, grad_norm, tokens_per_second,
-                       trained_tokens, train_mean_token_accuracy, valid_mean_token_accuracy)
+                       trained_tokens, train_mean_token_accuracy, valid_mean_token_accuracy,
+                       reward_chosen, reward_rejected, reward_accuracy, reward_margin)
              WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND locked_by = $2 AND status = 'running')
              ON CONFLICT (job_id, step) DO UPDATE SET
                  created_at = EXCLUDED.created_at, epoch = EXCLUDED.epoch, train_loss = EXCLUDED.train_loss,
@@ -742,7 +746,9 @@ impl Store for PgStore {
                  grad_norm = EXCLUDED.grad_norm, tokens_per_second = EXCLUDED.tokens_per_second,
                  trained_tokens = EXCLUDED.trained_tokens,
                  train_mean_token_accuracy = EXCLUDED.train_mean_token_accuracy,
-                 valid_mean_token_accuracy = EXCLUDED.valid_mean_token_accuracy",
+                 valid_mean_token_accuracy = EXCLUDED.valid_mean_token_accuracy,
+                 reward_chosen = EXCLUDED.reward_chosen, reward_rejected = EXCLUDED.reward_rejected,
+                 reward_accuracy = EXCLUDED.reward_accuracy, reward_margin = EXCLUDED.reward_margin",
         )
         .bind(job_id.as_str())
         .bind(worker_id)
@@ -757,6 +763,10 @@ impl Store for PgStore {
         .bind(points.iter().map(|p| to_i64(p.trained_tokens)).collect::<Vec<_>>())
         .bind(points.iter().map(|p| p.train_mean_token_accuracy).collect::<Vec<_>>())
         .bind(points.iter().map(|p| p.valid_mean_token_accuracy).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.rewards.map(|r| r.reward_chosen)).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.rewards.map(|r| r.reward_rejected)).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.rewards.map(|r| r.reward_accuracy)).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.rewards.map(|r| r.reward_margin)).collect::<Vec<_>>())
         .execute(&self.pool)
         .await?;
         if result.rows_affected() == 0 {
@@ -768,7 +778,8 @@ impl Store for PgStore {
     async fn list_metrics(&self, job_id: &JobId) -> Result<Vec<MetricPoint>, StoreError> {
         let rows = sqlx::query(
             "SELECT step, epoch, train_loss, valid_loss, learning_rate, grad_norm, tokens_per_second, trained_tokens,
-                    train_mean_token_accuracy, valid_mean_token_accuracy
+                    train_mean_token_accuracy, valid_mean_token_accuracy,
+                    reward_chosen, reward_rejected, reward_accuracy, reward_margin
              FROM job_metrics WHERE job_id = $1 ORDER BY step",
         )
         .bind(job_id.as_str())
@@ -991,6 +1002,12 @@ fn metric_from_row(row: &PgRow) -> Result<MetricPoint, StoreError> {
         trained_tokens: to_u64(row.try_get("trained_tokens")?),
         train_mean_token_accuracy: row.try_get("train_mean_token_accuracy")?,
         valid_mean_token_accuracy: row.try_get("valid_mean_token_accuracy")?,
+        rewards: crate::records::rewards_from_columns(
+            row.try_get("reward_chosen")?,
+            row.try_get("reward_rejected")?,
+            row.try_get("reward_accuracy")?,
+            row.try_get("reward_margin")?,
+        ),
     })
 }
 

@@ -204,6 +204,19 @@ pub struct MetricPoint {
     pub tokens_per_second: f64,
     /// Tokens trained so far, padding excluded.
     pub trained_tokens: u64,
+    /// DPO rewards of the step, `None` for other methods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewards: Option<RewardMetrics>,
+}
+
+/// Means over a DPO step's pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RewardMetrics {
+    pub reward_chosen: f64,
+    pub reward_rejected: f64,
+    /// Share of pairs whose chosen reward is above the rejected one.
+    pub reward_accuracy: f64,
+    pub reward_margin: f64,
 }
 
 /// A checkpoint folder uploaded under `artifact_key`, to register.
@@ -247,4 +260,19 @@ impl PageRequest {
 pub struct Page<T> {
     pub data: Vec<T>,
     pub has_more: bool,
+}
+
+/// Rebuilds a step's rewards from their four columns; a row without all four has none.
+pub(crate) fn rewards_from_columns(
+    chosen: Option<f64>,
+    rejected: Option<f64>,
+    accuracy: Option<f64>,
+    margin: Option<f64>,
+) -> Option<RewardMetrics> {
+    Some(RewardMetrics {
+        reward_chosen: chosen?,
+        reward_rejected: rejected?,
+        reward_accuracy: accuracy?,
+        reward_margin: margin?,
+    })
 }

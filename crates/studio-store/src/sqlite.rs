@@ -761,8 +761,9 @@ impl Store for SqliteStore {
             let result = sqlx::query(
                 "INSERT INTO job_metrics (job_id, step, created_at, epoch, train_loss, valid_loss, learning_rate,
                                           grad_norm, tokens_per_second, trained_tokens,
-                                          train_mean_token_accuracy, valid_mean_token_accuracy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                                          train_mean_token_accuracy, valid_mean_token_accuracy,
+                                          reward_chosen, reward_rejected, reward_accuracy, reward_margin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                  ON CONFLICT (job_id, step) DO UPDATE SET
                      created_at = excluded.created_at, epoch = excluded.epoch,
                      train_loss = excluded.train_loss, valid_loss = excluded.valid_loss,
@@ -770,7 +771,9 @@ impl Store for SqliteStore {
                      tokens_per_second = excluded.tokens_per_second,
                      trained_tokens = excluded.trained_tokens,
                      train_mean_token_accuracy = excluded.train_mean_token_accuracy,
-                     valid_mean_token_accuracy = excluded.valid_mean_token_accuracy",
+                     valid_mean_token_accuracy = excluded.valid_mean_token_accuracy,
+                     reward_chosen = excluded.reward_chosen, reward_rejected = excluded.reward_rejected,
+                     reward_accuracy = excluded.reward_accuracy, reward_margin = excluded.reward_margin",
             )
             .bind(job_id.as_str())
             .bind(to_i64(point.step))
@@ -784,6 +787,10 @@ impl Store for SqliteStore {
             .bind(to_i64(point.trained_tokens))
             .bind(point.train_mean_token_accuracy)
             .bind(point.valid_mean_token_accuracy)
+            .bind(point.rewards.map(|r| r.reward_chosen))
+            .bind(point.rewards.map(|r| r.reward_rejected))
+            .bind(point.rewards.map(|r| r.reward_accuracy))
+            .bind(point.rewards.map(|r| r.reward_margin))
             .execute(&mut *tx)
             .await?;
             written += result.rows_affected();
@@ -795,7 +802,8 @@ impl Store for SqliteStore {
     async fn list_metrics(&self, job_id: &JobId) -> Result<Vec<MetricPoint>, StoreError> {
         let rows = sqlx::query(
             "SELECT step, epoch, train_loss, valid_loss, learning_rate, grad_norm, tokens_per_second, trained_tokens,
-                    train_mean_token_accuracy, valid_mean_token_accuracy
+                    train_mean_token_accuracy, valid_mean_token_accuracy,
+                    reward_chosen, reward_rejected, reward_accuracy, reward_margin
              FROM job_metrics WHERE job_id = ?1 ORDER BY step",
         )
         .bind(job_id.as_str())
@@ -1021,6 +1029,12 @@ fn metric_from_row(row: &SqliteRow) -> Result<MetricPoint, StoreError> {
         trained_tokens: to_u64(row.try_get("trained_tokens")?),
         train_mean_token_accuracy: row.try_get("train_mean_token_accuracy")?,
         valid_mean_token_accuracy: row.try_get("valid_mean_token_accuracy")?,
+        rewards: crate::records::rewards_from_columns(
+            row.try_get("reward_chosen")?,
+            row.try_get("reward_rejected")?,
+            row.try_get("reward_accuracy")?,
+            row.try_get("reward_margin")?,
+        ),
     })
 }
 

@@ -13,7 +13,8 @@ use studio_store::keys::checkpoint_prefix;
 use studio_store::{
     ArtifactStore, EventLevel, EventType, MetricPoint, NewCheckpoint, NewEvent, Store, StoreError,
 };
-use studio_train::{CheckpointInfo, StepMetrics, StopRequest, TrainObserver};
+use studio_store::RewardMetrics;
+use studio_train::{CheckpointInfo, PreferenceMetrics, StepMetrics, StopRequest, TrainObserver};
 use tokio::sync::mpsc;
 
 use crate::retry::retry_unavailable;
@@ -55,6 +56,8 @@ impl StopFlags {
 
 pub enum Progress {
     Step(StepMetrics),
+    /// A DPO step with its rewards.
+    PreferenceStep(StepMetrics, PreferenceMetrics),
     Event(EventLevel, String),
     Checkpoint(CheckpointInfo),
 }
@@ -68,6 +71,10 @@ pub struct ChannelObserver {
 impl TrainObserver for ChannelObserver {
     fn on_step(&mut self, metrics: &StepMetrics) {
         let _ = self.sender.send(Progress::Step(metrics.clone()));
+    }
+
+    fn on_preference_step(&mut self, metrics: &StepMetrics, preference: &PreferenceMetrics) {
+        let _ = self.sender.send(Progress::PreferenceStep(metrics.clone(), *preference));
     }
 
     fn on_event(&mut self, level: studio_train::EventLevel, message: &str) {
@@ -119,7 +126,16 @@ pub async fn write_progress(
     loop {
         tokio::select! {
             message = receiver.recv() => match message {
-                Some(Progress::Step(metrics)) => writer.on_step(metrics).await,
+                Some(Progress::Step(metrics)) => writer.on_step(metrics, None).await,
+                Some(Progress::PreferenceStep(metrics, preference)) => {
+                    let rewards = RewardMetrics {
+                        reward_chosen: preference.reward_chosen,
+                        reward_rejected: preference.reward_rejected,
+                        reward_accuracy: preference.reward_accuracy,
+                        reward_margin: preference.reward_margin,
+                    };
+                    writer.on_step(metrics, Some(rewards)).await
+                }
                 Some(Progress::Event(level, message)) => writer.event(level, EventType::Message, message, None).await,
                 Some(Progress::Checkpoint(checkpoint)) => writer.on_checkpoint(checkpoint).await,
                 None => break,
@@ -152,7 +168,7 @@ enum Retry {
 }
 
 impl ProgressWriter {
-    async fn on_step(&mut self, metrics: StepMetrics) {
+    async fn on_step(&mut self, metrics: StepMetrics, rewards: Option<RewardMetrics>) {
         self.pending.push(MetricPoint {
             step: metrics.step,
             epoch: metrics.epoch,
@@ -164,11 +180,22 @@ impl ProgressWriter {
             grad_norm: metrics.grad_norm,
             tokens_per_second: metrics.tokens_per_second,
             trained_tokens: metrics.trained_tokens,
+            rewards,
         });
         // Every evaluation gets an event, so the validation curve is visible in the events.
         if metrics.valid_loss.is_some() || is_progress_step(metrics.step, metrics.total_steps) {
-            let message = step_message(&metrics);
-            let data = metrics_event_data(&metrics);
+            let mut message = step_message(&metrics);
+            let mut data = metrics_event_data(&metrics);
+            if let Some(rewards) = rewards {
+                message.push_str(&format!(
+                    ", reward accuracy={:.3}, reward margin={:.4}",
+                    rewards.reward_accuracy, rewards.reward_margin
+                ));
+                data["reward_chosen"] = json!(rewards.reward_chosen);
+                data["reward_rejected"] = json!(rewards.reward_rejected);
+                data["reward_accuracy"] = json!(rewards.reward_accuracy);
+                data["reward_margin"] = json!(rewards.reward_margin);
+            }
             self.event(EventLevel::Info, EventType::Metrics, message, Some(data))
                 .await;
         }

@@ -65,6 +65,7 @@ macro_rules! conformance_cases {
             metrics_list_by_step_and_overwrite,
             metrics_of_lost_job_are_rejected,
             metrics_keep_token_accuracy,
+            metrics_keep_dpo_rewards,
             checkpoints_list_latest_step_first,
             checkpoint_of_same_step_is_replaced,
             checkpoint_of_lost_job_is_rejected,
@@ -187,6 +188,7 @@ pub fn point(step: u64) -> MetricPoint {
         grad_norm: 1.5,
         tokens_per_second: 100.0,
         trained_tokens: step * 64,
+        rewards: None,
     }
 }
 
@@ -700,6 +702,25 @@ pub async fn metrics_keep_token_accuracy(f: &Fixture) {
     assert_eq!(points[0].train_mean_token_accuracy, Some(0.5));
     assert_eq!(points[0].valid_mean_token_accuracy, Some(0.75));
     assert_eq!(points[1].valid_mean_token_accuracy, None);
+}
+
+pub async fn metrics_keep_dpo_rewards(f: &Fixture) {
+    let id = f.queue_job().await;
+    f.store.claim_job("w1", LEASE).await.unwrap();
+    let rewards = studio_store::RewardMetrics {
+        reward_chosen: 0.25,
+        reward_rejected: -0.5,
+        reward_accuracy: 0.75,
+        reward_margin: 0.75,
+    };
+    let mut dpo = point(1);
+    dpo.rewards = Some(rewards);
+
+    f.store.insert_metrics(&id, "w1", &[dpo, point(2)]).await.unwrap();
+    let points = f.store.list_metrics(&id).await.unwrap();
+
+    assert_eq!(points[0].rewards, Some(rewards));
+    assert_eq!(points[1].rewards, None);
 }
 
 pub fn checkpoint(job_id: &JobId, step: u64) -> NewCheckpoint {
