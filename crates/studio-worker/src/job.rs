@@ -9,13 +9,13 @@ use studio_core::dataset::{DatasetFormat, Role};
 use studio_store::NewFile;
 use studio_train::distill::teacher_replies;
 use studio_train::generate::SamplingParams;
-use studio_core::dataset::{parse_dataset, Conversation};
+use studio_core::dataset::{parse_dataset, parse_preference_dataset, Conversation, PreferencePair};
 use studio_core::{FileId, JobSpec, JobStatus};
 use studio_store::keys::{file_key, final_artifact_prefix, results_csv_key};
 use studio_store::{
-    EventLevel, JobError, JobRecord, MetricPoint, NewEvent, PageRequest, Services, StoreError,
+    EventLevel, JobError, JobRecord, MetricPoint, NewEvent, PageRequest, RewardMetrics, Services, StoreError,
 };
-use studio_train::{ArtifactKind, DistillJob, DistillSettings, RunOutcome, SftJob, TrainError};
+use studio_train::{ArtifactKind, DistillJob, DistillSettings, DpoJob, RunOutcome, SftJob, TrainError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -28,6 +28,8 @@ use crate::{Trainer, WorkerSettings};
 struct Prepared {
     examples: Vec<Conversation>,
     validation: Option<Vec<Conversation>>,
+    /// The preference pairs of a DPO job, whose `examples` stay empty.
+    pairs: Vec<PreferencePair>,
     model_path: PathBuf,
     /// The latest checkpoint of an earlier attempt, downloaded into the scratch folder.
     resume_from: Option<PathBuf>,
@@ -111,6 +113,9 @@ impl JobRun<'_> {
 
     async fn prepare(&self, scratch: &Scratch) -> Result<Prepared, JobError> {
         let spec = &self.job.spec;
+        if spec.dpo_beta().is_some() {
+            return self.prepare_dpo(scratch).await;
+        }
         let examples = self.read_dataset(&spec.training_file, "training").await?;
         let validation = match &spec.validation_file {
             Some(file) => Some(self.read_dataset(file, "validation").await?),
@@ -143,6 +148,7 @@ impl JobRun<'_> {
         Ok(Prepared {
             examples,
             validation,
+            pairs: Vec::new(),
             model_path: model.path,
             resume_from,
             teacher,
@@ -247,6 +253,45 @@ impl JobRun<'_> {
             not_found(format!("the base model of teacher {name} is no longer installed: {err}"))
         })?;
         Ok(Teacher { path: base.path, adapter: Some(dir) })
+    }
+
+    /// Reads a DPO job's preference pairs, resolves its model and fetches its checkpoint.
+    async fn prepare_dpo(&self, scratch: &Scratch) -> Result<Prepared, JobError> {
+        let spec = &self.job.spec;
+        let file = &spec.training_file;
+        let bytes = self.services.artifacts.read(&file_key(file)).await.map_err(|err| JobError {
+            code: "invalid_training_file".into(),
+            message: format!("cannot read training file {file}: {err}"),
+            param: Some("training_file".into()),
+        })?;
+        let pairs = tokio::task::spawn_blocking(move || parse_preference_dataset(&bytes))
+            .await
+            .map_err(|err| internal_error(format!("dataset parsing stopped unexpectedly: {err}")))?
+            .map_err(|err| JobError {
+                code: "invalid_training_file".into(),
+                message: format!("training file {file}: {err}; a DPO job needs preference pairs"),
+                param: Some("training_file".into()),
+            })?;
+        self.event(EventLevel::Info, format!("Read {} preference pairs", pairs.len())).await;
+        if let Some(validation) = &spec.validation_file {
+            // NOTE: DPO runs report training rewards only; a validation file is not scored.
+            self.event(EventLevel::Warn, format!("Validation file {validation} is not used by DPO jobs")).await;
+        }
+        let model = self.services.models.resolve(&spec.model).map_err(|err| JobError {
+            code: "model_not_found".into(),
+            message: err.to_string(),
+            param: Some("model".into()),
+        })?;
+        self.event(EventLevel::Info, format!("Loading base model {}", spec.model)).await;
+        let resume_from = self.download_latest_checkpoint(scratch).await?;
+        Ok(Prepared {
+            examples: Vec::new(),
+            validation: None,
+            pairs,
+            model_path: model.path,
+            resume_from,
+            teacher: None,
+        })
     }
 
     /// Reads and parses an uploaded dataset; `role` is `training` or `validation`.
@@ -603,6 +648,21 @@ fn run_trainer(
     folders: RunFolders<'_>,
     mut observer: ChannelObserver,
 ) -> Result<RunOutcome, TrainError> {
+    if let Some(beta) = spec.dpo_beta() {
+        let job = DpoJob {
+            model_path: &prepared.model_path,
+            base_model_name: &spec.model,
+            pairs: &prepared.pairs,
+            approach: approach(spec),
+            settings: train_settings(spec),
+            beta,
+            output_dir: folders.output,
+            checkpoint_dir: Some(folders.checkpoints),
+            resume_from: prepared.resume_from.as_deref(),
+            export_merged: false,
+        };
+        return trainer.run_dpo(&job, &mut observer);
+    }
     let job = SftJob {
         model_path: &prepared.model_path,
         base_model_name: &spec.model,
@@ -641,11 +701,12 @@ fn run_trainer(
 fn results_csv(metrics: &[MetricPoint]) -> String {
     let optional = |value: Option<f64>| value.map(|v| v.to_string()).unwrap_or_default();
     let mut csv = String::from(
-        "step,epoch,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,tokens_per_second,trained_tokens\n",
+        "step,epoch,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm,tokens_per_second,trained_tokens,reward_chosen,reward_rejected,reward_accuracy,reward_margin\n",
     );
     for point in metrics {
+        let reward = |pick: fn(&RewardMetrics) -> f64| optional(point.rewards.as_ref().map(pick));
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             point.step,
             point.epoch,
             point.train_loss,
@@ -656,6 +717,10 @@ fn results_csv(metrics: &[MetricPoint]) -> String {
             point.grad_norm,
             point.tokens_per_second,
             point.trained_tokens,
+            reward(|r| r.reward_chosen),
+            reward(|r| r.reward_rejected),
+            reward(|r| r.reward_accuracy),
+            reward(|r| r.reward_margin),
         ));
     }
     csv

@@ -1186,3 +1186,99 @@ async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
     assert_eq!(record_file.purpose, "fine-tune");
     assert_eq!(record_file.bytes, content.len() as u64);
 }
+
+/// Two preference pairs in the `{prompt, chosen, rejected}` format.
+const PREFERENCES: &str = concat!(
+    r#"{"prompt":"Hi","chosen":"Hello!","rejected":"Go away."}"#,
+    "\n",
+    r#"{"prompt":"Bye","chosen":"Goodbye!","rejected":"Whatever."}"#,
+    "\n"
+);
+
+/// What the worker handed the DPO trainer: beta, the number of pairs and `max_seq_len`.
+type SeenDpo = (f64, usize, usize);
+
+/// Records the DPO job, reports one step with rewards and succeeds with an adapter.
+struct DpoTrainer {
+    seen: Arc<Mutex<Option<SeenDpo>>>,
+}
+
+impl Trainer for DpoTrainer {
+    fn run_sft(&self, _job: &SftJob<'_>, _observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
+        panic!("a DPO job must not run as a supervised one");
+    }
+
+    fn run_dpo(&self, job: &studio_train::DpoJob<'_>, observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
+        *self.seen.lock().unwrap() = Some((job.beta, job.pairs.len(), job.settings.max_seq_len));
+        let rewards = studio_train::PreferenceMetrics {
+            reward_chosen: 0.5,
+            reward_rejected: -0.25,
+            reward_accuracy: 1.0,
+            reward_margin: 0.75,
+        };
+        observer.on_preference_step(&metrics(1, 1), &rewards);
+        let sft = SftJob {
+            model_path: job.model_path,
+            base_model_name: job.base_model_name,
+            examples: &[],
+            validation: None,
+            approach: job.approach.clone(),
+            settings: job.settings.clone(),
+            output_dir: job.output_dir,
+            checkpoint_dir: job.checkpoint_dir,
+            resume_from: job.resume_from,
+            export_merged: job.export_merged,
+        };
+        Ok(succeeded(1, write_artifacts(&sft)?))
+    }
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn dpo_job_runs_the_dpo_trainer_and_stores_rewards(pool: PgPool) {
+    let setup = setup(pool).await;
+    let file = FileId::new();
+    let artifacts = &setup.services.artifacts;
+    artifacts.put_bytes(&file_key(&file), PREFERENCES.as_bytes()).await.unwrap();
+    let new_file = NewFile {
+        id: file.clone(),
+        filename: "pairs.jsonl".into(),
+        purpose: "fine-tune".into(),
+        bytes: PREFERENCES.len() as u64,
+        sha256: "0".repeat(64),
+        format: DatasetFormat::Preference,
+        line_count: 2,
+    };
+    setup.services.store.insert_file(&new_file).await.unwrap();
+    let body = json!({
+        "model": "tiny",
+        "training_file": file.as_str(),
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "max_seq_len": 64}}},
+    });
+    let job = NewJob {
+        id: JobId::new(),
+        spec: JobSpec::parse(&body, 5).unwrap(),
+        max_attempts: 3,
+        idempotency_key: None,
+        request_hash: None,
+    };
+    setup.services.store.insert_job(&job).await.unwrap();
+    let seen = Arc::new(Mutex::new(None));
+    let trainer = DpoTrainer { seen: seen.clone() };
+    let worker = Worker::new(setup.services.clone(), setup.settings.clone(), Arc::new(trainer));
+
+    worker.run_next_job(not_stopped()).await.unwrap();
+    let stored = setup.services.store.get_job(&job.id).await.unwrap();
+    let points = setup.services.store.list_metrics(&job.id).await.unwrap();
+    let csv = String::from_utf8(artifacts.read(&results_csv_key(&job.id)).await.unwrap()).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+
+    assert_eq!(stored.status, JobStatus::Succeeded, "{:?}", stored.error);
+    assert_eq!(*seen.lock().unwrap(), Some((0.2, 2, 64)));
+    let rewards = points[0].rewards.expect("the step's rewards are stored");
+    assert_eq!(rewards.reward_chosen, 0.5);
+    assert_eq!(rewards.reward_rejected, -0.25);
+    assert_eq!(rewards.reward_accuracy, 1.0);
+    assert_eq!(rewards.reward_margin, 0.75);
+    assert!(lines[0].ends_with(",reward_chosen,reward_rejected,reward_accuracy,reward_margin"), "{csv}");
+    assert!(lines[1].ends_with(",0.5,-0.25,1,0.75"), "{csv}");
+}
