@@ -94,6 +94,7 @@ async fn create_job(
             "invalid_training_file",
         ));
     }
+    check_training_format(&spec, &training)?;
     if let Some(validation_file) = &spec.validation_file {
         check_file(&services, validation_file, "validation_file").await?;
     }
@@ -195,6 +196,24 @@ pub async fn check_file(
         ));
     }
     Ok(file)
+}
+
+/// Checks that a DPO job trains on preference pairs and a supervised job does not.
+fn check_training_format(spec: &JobSpec, training: &studio_store::FileRecord) -> Result<(), ApiError> {
+    let preference = training.format == studio_core::dataset::DatasetFormat::Preference;
+    let message = match (&spec.method, preference) {
+        (studio_core::spec::Method::Dpo { .. }, false) => format!(
+            "training_file {} is in the {} format, but a DPO job needs preference pairs ({{\"prompt\", \"chosen\", \"rejected\"}} or OpenAI's preference format)",
+            training.id,
+            training.format.as_str()
+        ),
+        (studio_core::spec::Method::Supervised { .. }, true) => format!(
+            "training_file {} contains preference pairs; use method.type 'dpo' or upload conversations",
+            training.id
+        ),
+        _ => return Ok(()),
+    };
+    Err(ApiError::invalid(message, Some("training_file"), "invalid_training_file"))
 }
 
 /// Draws a seed for a request without one. The job echoes it, so the run can be repeated.

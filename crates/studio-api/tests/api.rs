@@ -21,6 +21,9 @@ mod chat_completions;
 #[path = "api/distillation.rs"]
 mod distillation;
 
+#[path = "api/dpo.rs"]
+mod dpo;
+
 #[path = "api/queue_controls.rs"]
 mod queue_controls;
 
@@ -347,22 +350,6 @@ async fn create_job_with_bad_hyperparameter_names_it(pool: PgPool) {
         response.json()["error"]["param"],
         "method.supervised.hyperparameters.batch_size"
     );
-}
-
-#[sqlx::test(migrations = "../../migrations")]
-async fn create_dpo_job_is_not_supported_yet(pool: PgPool) {
-    let app = test_app(pool);
-    let file_id = app.uploaded_file_id().await;
-
-    let response = app
-        .post_json(
-            "/v1/fine_tuning/jobs",
-            json!({"model": "tiny", "training_file": file_id, "method": {"type": "dpo"}}),
-        )
-        .await;
-
-    assert_eq!(response.status, StatusCode::BAD_REQUEST);
-    assert!(response.error_message().contains("not supported yet"));
 }
 
 #[sqlx::test(migrations = "../../migrations")]
