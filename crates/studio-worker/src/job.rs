@@ -141,6 +141,8 @@ impl JobRun<'_> {
             Some(distillation) => Some(self.fetch_teacher(&distillation.teacher_model, scratch).await?),
             None => None,
         };
+        // NOTE: only the training file gets teacher replies; a prompts-only validation file fails
+        // the run because it has no assistant tokens to score.
         let examples = match &teacher {
             Some(teacher) if is_prompts_only(&examples) => self.write_teacher_replies(teacher, examples).await?,
             _ => examples,
