@@ -223,11 +223,6 @@ async fn bad_uploads_name_line_and_leave_nothing(pool: PgPool) {
             "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"},{\"role\":\"assistant\",\"content\":\"\"}]}\n".to_owned(),
             "line 1: field 'messages[1].content' is an empty assistant response",
         ),
-        ("{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}\n".to_owned(), "line 1: no assistant turn"),
-        (
-            "{\"messages\":[{\"role\":\"assistant\",\"content\":\"x\"},{\"role\":\"user\",\"content\":\"y\"}]}\n".to_owned(),
-            "line 1: the last turn is from the user",
-        ),
         (format!("{CHAT_LINE}\n{{\"prompt\":\"a\",\"completion\":\"b\"}}\n"), "line 2: this line is in the prompt_completion format"),
         ("\n\n".to_owned(), "the file has no examples"),
     ];
