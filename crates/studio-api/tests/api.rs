@@ -1,4 +1,4 @@
-//! The API through `app(services)` against a real Postgres, mostly without a socket; the event
+//! The API through `app(services)` against a real Postgres, mostly without a socket. The event
 //! stream cases in `api/event_stream.rs` serve it on a loopback socket over Postgres and SQLite.
 
 use std::sync::Arc;

@@ -558,9 +558,9 @@ impl Store for PgStore {
     }
 
     async fn rescue_expired_jobs(&self) -> Result<Vec<RescuedJob>, StoreError> {
-        // Safe under concurrency: FOR NO KEY UPDATE re-checks each row after a concurrent heartbeat
-        // commits, so a lease extended in the meantime is not rescued, and SKIP LOCKED leaves a
-        // row that a heartbeat or another rescuer holds for the next round. The rows stay
+        // Safe under concurrency: FOR NO KEY UPDATE re-checks each row after a concurrent
+        // heartbeat commits, so a lease extended in the meantime is not rescued. SKIP LOCKED
+        // leaves a row that a heartbeat or another rescuer has locked for the next round. The rows stay
         // locked until the commit, so each update applies to the state that was read.
         let now = self.clock.now();
         let mut tx = self.pool.begin().await?;

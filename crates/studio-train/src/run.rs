@@ -313,7 +313,8 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
 
     let pad = loaded.special.pad;
     // NOTE: `run_dpo` and `run_distillation` repeat this step loop (skipped steps, clipping, the
-    // schedule, checkpoints, stop requests); until they share it, a fix here belongs there too.
+    // schedule, checkpoints, stop requests). Until they share it, a fix here belongs there too.
+
     // Stopping here needs no checkpoint: no step ran since the start or the resumed one.
     if let Some(request) = observer.stop_request() {
         observer.on_event(EventLevel::Info, &format!("Stopped before step {}", progress.step + 1));

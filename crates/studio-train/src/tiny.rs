@@ -324,7 +324,7 @@ mod run_tests {
         let root = tempfile::tempdir().unwrap();
         let model = root.path().join("tiny");
         write_tiny_model_folder(&model, "mistral", 1).unwrap();
-        // 3 steps an epoch: an abandoned run resumes from its planned checkpoint; a suspended
+        // 3 steps an epoch. An abandoned run resumes from its planned checkpoint, and a suspended
         // one from the checkpoint it writes on stopping, at an epoch's end or in its middle.
         let cuts = [(3, StopRequest::Abandon, 2, 2), (3, StopRequest::Suspend, 0, 3), (4, StopRequest::Suspend, 0, 4)];
         let approaches = [(lora_with_dropout(), "adapter_model.safetensors"), (Approach::Full, "model.safetensors")];

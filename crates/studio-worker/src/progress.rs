@@ -41,8 +41,8 @@ pub struct StopFlags {
 }
 
 impl StopFlags {
-    /// What the trainer should do now. A cancelled or lost job needs no checkpoint; a paused
-    /// or released one gets a checkpoint, so its next run loses no step.
+    /// Returns the stop request for the trainer, if any. A cancelled or lost job needs no
+    /// checkpoint. A paused or released one gets a checkpoint, so its next run loses no step.
     pub fn request(&self) -> Option<StopRequest> {
         if self.cancel.load(Ordering::Relaxed) || self.lost.load(Ordering::Relaxed) {
             Some(StopRequest::Abandon)
@@ -158,7 +158,7 @@ struct ProgressWriter {
     last: Option<StepMetrics>,
 }
 
-/// What a flush does when the database is unavailable.
+/// The behaviour of a flush while the database is unavailable.
 #[derive(Clone, Copy, PartialEq)]
 enum Retry {
     /// Keep the rows for the next flush; training goes on meanwhile.
@@ -229,8 +229,8 @@ impl ProgressWriter {
                     .store(true, std::sync::atomic::Ordering::Relaxed);
                 self.pending.clear();
             }
-            // The rows stay pending and are retried at the next flush; an outage is logged by
-            // the retries of the heartbeat and of the next forced flush.
+            // The rows stay pending for the next flush. The outage itself is logged by the
+            // heartbeat and by the retries of the next forced flush.
             Err(err @ StoreError::Unavailable(_)) => {
                 tracing::debug!(error = %err, pending = self.pending.len(), "failed to write metrics; will retry")
             }

@@ -13,14 +13,14 @@ const FIRST_DELAY: Duration = Duration::from_millis(200);
 /// ...and no retry waits longer than this.
 const MAX_DELAY: Duration = Duration::from_secs(5);
 
-/// The wait before retry number `retry` (0-based): doubling from [`FIRST_DELAY`] up to
-/// [`MAX_DELAY`], scaled by `jitter` in [0.5, 1] so that many workers do not retry in step.
+/// Returns the wait before retry number `retry` (0-based). It doubles from [`FIRST_DELAY`] up
+/// to [`MAX_DELAY`] and is scaled by `jitter` in [0.5, 1], so many workers do not retry in step.
 pub(crate) fn backoff(retry: u32, jitter: f64) -> Duration {
     let doubled = FIRST_DELAY.saturating_mul(1u32 << retry.min(16));
     doubled.min(MAX_DELAY).mul_f64(jitter.clamp(0.5, 1.0))
 }
 
-/// A jitter factor for [`backoff`], drawn at random.
+/// Draws a random jitter factor for [`backoff`].
 pub(crate) fn random_jitter() -> f64 {
     rand::thread_rng().gen_range(0.5..=1.0)
 }

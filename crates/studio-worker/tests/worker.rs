@@ -41,8 +41,8 @@ enum Behaviour {
         at: Vec<u64>,
     },
     Fail,
-    /// Reports a step every few milliseconds until asked to stop, for at most this many steps;
-    /// a request to suspend writes a checkpoint of the last step first.
+    /// Reports a step every few milliseconds until a stop is requested, for at most this many
+    /// steps. A request to suspend writes a checkpoint of the last step first.
     RunUntilStopped {
         max_steps: u64,
     },
@@ -938,7 +938,7 @@ impl Trainer for GatedTrainer {
     }
 }
 
-/// A store clock that tests move by hand, starting at the wall clock's now.
+/// Returns a store clock that tests move by hand, starting at the current wall-clock time.
 fn manual_clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(SystemClock.now()))
 }
