@@ -9,11 +9,13 @@ use crate::run::{EventLevel, TrainObserver};
 use crate::TrainError;
 
 /// Renders and tokenizes every conversation, truncates it to `max_seq_len`, and drops (with a
-/// warning event naming `source`) those left without a target token.
+/// warning event naming `source`) those left without a target token. When none is left, the
+/// error names `max_seq_len_param`, the request field or flag that sets the limit.
 pub fn encode_examples(
     loaded: &LoadedModel,
     conversations: &[Conversation],
     max_seq_len: usize,
+    max_seq_len_param: &str,
     source: &str,
     observer: &mut dyn TrainObserver,
 ) -> Result<Vec<EncodedExample>, TrainError> {
@@ -55,7 +57,7 @@ pub fn encode_examples(
             message: format!(
                 "no example of the {source} has an assistant token within max_seq_len {max_seq_len}; raise max_seq_len or shorten the prompts"
             ),
-            param: Some("method.supervised.hyperparameters.max_seq_len".into()),
+            param: Some(max_seq_len_param.into()),
         });
     }
     Ok(examples)

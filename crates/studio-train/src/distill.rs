@@ -307,8 +307,11 @@ pub fn teacher_replies(
     Ok(conversations)
 }
 
+/// The request path of a distillation job's hyperparameters, which errors name as the field to fix.
+const DISTILLATION_HYPERPARAMETERS: &str = "method.distillation.hyperparameters";
+
 fn validate_distill(settings: &DistillSettings) -> Result<(), TrainError> {
-    let param = |name: &str| format!("method.distillation.hyperparameters.{name}");
+    let param = |name: &str| format!("{DISTILLATION_HYPERPARAMETERS}.{name}");
     if !(settings.temperature.is_finite() && settings.temperature > 0.0) {
         return Err(invalid(
             &format!(
@@ -357,7 +360,7 @@ pub fn run_distillation(
     observer: &mut dyn TrainObserver,
 ) -> Result<RunOutcome, TrainError> {
     let sft = &job.sft;
-    validate_settings(&sft.settings)?;
+    validate_settings(&sft.settings, DISTILLATION_HYPERPARAMETERS)?;
     validate_distill(&job.distill)?;
     if let crate::Approach::Lora(settings) = &sft.approach {
         if job.distill.student_layers.is_some() {
@@ -397,10 +400,12 @@ pub fn run_distillation(
         );
     }
 
+    let max_seq_len_param = format!("{DISTILLATION_HYPERPARAMETERS}.max_seq_len");
     let examples = encode_examples(
         &loaded,
         sft.examples,
         settings.max_seq_len,
+        &max_seq_len_param,
         "training file",
         observer,
     )?;
@@ -417,6 +422,7 @@ pub fn run_distillation(
                 &loaded,
                 conversations,
                 settings.max_seq_len,
+                &max_seq_len_param,
                 "validation file",
                 observer,
             )?,

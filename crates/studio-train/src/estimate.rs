@@ -16,7 +16,7 @@ use crate::loader::load_model;
 use crate::lora;
 use crate::model::{ForwardContext, Llama};
 use crate::rng::Rng;
-use crate::run::{Approach, TrainObserver, TrainSettings};
+use crate::run::{Approach, TrainObserver, TrainSettings, SUPERVISED_HYPERPARAMETERS};
 use crate::TrainError;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -100,7 +100,8 @@ pub fn estimate(
 ) -> Result<Estimate, TrainError> {
     let device = Device::Cpu;
     let loaded = load_model(model_path, &device)?;
-    let encoded = encode_examples(&loaded, conversations, settings.max_seq_len, "training file", observer)?;
+    let max_seq_len_param = format!("{SUPERVISED_HYPERPARAMETERS}.max_seq_len");
+    let encoded = encode_examples(&loaded, conversations, settings.max_seq_len, &max_seq_len_param, "training file", observer)?;
     let encoded_count = encoded.len();
     let (examples, held_out) = if hold_out_validation {
         hold_out(encoded, settings.seed)

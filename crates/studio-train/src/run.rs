@@ -234,7 +234,7 @@ pub const MAX_CONSECUTIVE_SKIPPED_STEPS: u64 = 3;
 ///
 /// Runs on the calling thread until done; call it from a blocking thread in async code.
 pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
-    validate_settings(&job.settings)?;
+    validate_settings(&job.settings, SUPERVISED_HYPERPARAMETERS)?;
     if let Approach::Lora(settings) = &job.approach {
         lora::validate(settings)?;
     }
@@ -243,13 +243,14 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
 
     let mut loaded = load_model(job.model_path, &device)?;
     observer.on_event(EventLevel::Info, &format!("Loaded base model {}", job.base_model_name));
-    let examples = encode_examples(&loaded, job.examples, settings.max_seq_len, "training file", observer)?;
+    let max_seq_len_param = format!("{SUPERVISED_HYPERPARAMETERS}.max_seq_len");
+    let examples = encode_examples(&loaded, job.examples, settings.max_seq_len, &max_seq_len_param, "training file", observer)?;
     if examples.is_empty() {
         return Err(invalid("the training file has no examples", "training_file"));
     }
     let (train, valid) = match job.validation {
         Some(conversations) => {
-            let valid = encode_examples(&loaded, conversations, settings.max_seq_len, "validation file", observer)?;
+            let valid = encode_examples(&loaded, conversations, settings.max_seq_len, &max_seq_len_param, "validation file", observer)?;
             (examples, valid)
         }
         None => {
@@ -485,8 +486,13 @@ pub(crate) fn invalid(message: &str, param: &str) -> TrainError {
     }
 }
 
-pub(crate) fn validate_settings(settings: &TrainSettings) -> Result<(), TrainError> {
-    let param = |name: &str| format!("method.supervised.hyperparameters.{name}");
+/// The request path of a supervised job's hyperparameters, which errors name as the field to fix.
+pub(crate) const SUPERVISED_HYPERPARAMETERS: &str = "method.supervised.hyperparameters";
+
+/// Checks the ranges of `settings`. Errors name the field under `hyperparameters_at`, the request
+/// path of the method's hyperparameters.
+pub(crate) fn validate_settings(settings: &TrainSettings, hyperparameters_at: &str) -> Result<(), TrainError> {
+    let param = |name: &str| format!("{hyperparameters_at}.{name}");
     let check = |ok: bool, message: String, name: &str| if ok { Ok(()) } else { Err(invalid(&message, &param(name))) };
     check(settings.n_epochs >= 1, "n_epochs must be at least 1".into(), "n_epochs")?;
     check(settings.batch_size >= 1, "batch_size must be at least 1".into(), "batch_size")?;

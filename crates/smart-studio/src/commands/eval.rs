@@ -27,7 +27,7 @@ fn eval(models_dir: PathBuf, args: &EvalArgs) -> anyhow::Result<()> {
     let model_path = resolve_model(&models_dir, &args.model)?;
     let loaded = load_model(&model_path, &device)?;
     let conversations = read_dataset(&args.data)?;
-    let examples = encode_examples(&loaded, &conversations, args.max_seq_len, "dataset", &mut PrintEvents)?;
+    let examples = encode_examples(&loaded, &conversations, args.max_seq_len, "--max-seq-len", "dataset", &mut PrintEvents)?;
 
     let mut model = Llama::from_weights(&loaded.config, &loaded.weights, &device)?;
     if let Some(adapter) = &args.adapter {

@@ -365,6 +365,7 @@ fn encoded(
         loaded,
         conversations,
         max_seq_len,
+        "max_seq_len",
         "test file",
         &mut Recorder::default(),
     )
