@@ -84,19 +84,10 @@ async fn create_job(
         check_teacher(&services, &distillation.teacher_model).await?;
     }
     let training = check_file(&services, &spec.training_file, "training_file").await?;
-    if training.format == studio_core::dataset::DatasetFormat::Prompts && spec.distillation().is_none() {
-        return Err(ApiError::invalid(
-            format!(
-                "training_file {} holds prompts without replies, which only a distillation job uses (its teacher writes the replies); upload conversations that end with an assistant reply",
-                training.id
-            ),
-            Some("training_file"),
-            "invalid_training_file",
-        ));
-    }
-    check_training_format(&spec, &training)?;
+    check_file_format(&spec, &training, FileRole::Training)?;
     if let Some(validation_file) = &spec.validation_file {
-        check_file(&services, validation_file, "validation_file").await?;
+        let validation = check_file(&services, validation_file, "validation_file").await?;
+        check_file_format(&spec, &validation, FileRole::Validation)?;
     }
 
     let new_job = NewJob {
@@ -198,22 +189,45 @@ pub async fn check_file(
     Ok(file)
 }
 
-/// Checks that a DPO job trains on preference pairs and a supervised job does not.
-fn check_training_format(spec: &JobSpec, training: &studio_store::FileRecord) -> Result<(), ApiError> {
-    let preference = training.format == studio_core::dataset::DatasetFormat::Preference;
-    let message = match (&spec.method, preference) {
-        (studio_core::spec::Method::Dpo { .. }, false) => format!(
-            "training_file {} is in the {} format, but a DPO job needs preference pairs ({{\"prompt\", \"chosen\", \"rejected\"}} or OpenAI's preference format)",
-            training.id,
-            training.format.as_str()
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FileRole {
+    Training,
+    Validation,
+}
+
+/// Checks that a file's format suits the job's method: preference pairs for DPO and
+/// conversations otherwise. Prompts without replies suit only a distillation job's training
+/// file, since its teacher writes the replies. A validation file must contain the replies it
+/// scores.
+fn check_file_format(spec: &JobSpec, file: &studio_store::FileRecord, role: FileRole) -> Result<(), ApiError> {
+    use studio_core::dataset::DatasetFormat;
+    let (param, code) = match role {
+        FileRole::Training => ("training_file", "invalid_training_file"),
+        FileRole::Validation => ("validation_file", "invalid_validation_file"),
+    };
+    let dpo = matches!(spec.method, studio_core::spec::Method::Dpo { .. });
+    let message = match file.format {
+        DatasetFormat::Preference if dpo => return Ok(()),
+        _ if dpo => format!(
+            "{param} {} is in the {} format, but a DPO job needs preference pairs ({{\"prompt\", \"chosen\", \"rejected\"}} or OpenAI's preference format)",
+            file.id,
+            file.format.as_str()
         ),
-        (studio_core::spec::Method::Supervised { .. }, true) => format!(
-            "training_file {} contains preference pairs; use method.type 'dpo' or upload conversations",
-            training.id
+        DatasetFormat::Preference => format!(
+            "{param} {} contains preference pairs; use method.type 'dpo' or upload conversations",
+            file.id
+        ),
+        DatasetFormat::Prompts if role == FileRole::Validation => format!(
+            "validation_file {} holds prompts without replies, but validation scores the replies a file contains; upload conversations that end with an assistant reply",
+            file.id
+        ),
+        DatasetFormat::Prompts if spec.distillation().is_none() => format!(
+            "training_file {} holds prompts without replies, which only a distillation job uses (its teacher writes the replies); upload conversations that end with an assistant reply",
+            file.id
         ),
         _ => return Ok(()),
     };
-    Err(ApiError::invalid(message, Some("training_file"), "invalid_training_file"))
+    Err(ApiError::invalid(message, Some(param), code))
 }
 
 /// Draws a seed for a request without one. The job echoes it, so the run can be repeated.

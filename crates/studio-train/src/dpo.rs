@@ -37,6 +37,9 @@ pub struct DpoJob<'a> {
     /// Written to `base_model_name_or_path` in the adapter config.
     pub base_model_name: &'a str,
     pub pairs: &'a [PreferencePair],
+    /// Pairs scored at each evaluation for `valid_loss`, never trained on. Without them a run
+    /// reports training figures only.
+    pub validation: Option<&'a [PreferencePair]>,
     pub approach: Approach,
     /// `batch_size` counts pairs; `max_seq_len` bounds each prompt plus one completion.
     pub settings: TrainSettings,
@@ -167,12 +170,17 @@ impl PairEncoder<'_> {
     }
 }
 
+/// The request path of a DPO job's hyperparameters, which errors name as the field to fix.
+const DPO_HYPERPARAMETERS: &str = "method.dpo.hyperparameters";
+
 /// Encodes every pair and truncates it to `max_seq_len`. Pairs whose completions are equal
-/// after truncation are dropped; an event counts them and the truncated pairs.
+/// after truncation are dropped. An event names `source` and counts them and the truncated
+/// pairs.
 pub fn encode_pairs(
     loaded: &LoadedModel,
     pairs: &[PreferencePair],
     max_seq_len: usize,
+    source: &str,
     observer: &mut dyn TrainObserver,
 ) -> Result<Vec<EncodedPair>, TrainError> {
     let template_source = loaded.chat_template.as_deref().ok_or_else(|| TrainError::InvalidData {
@@ -203,7 +211,7 @@ pub fn encode_pairs(
     if truncated > 0 {
         observer.on_event(
             EventLevel::Warn,
-            &format!("Truncated {} to max_seq_len {max_seq_len}", plural(truncated as u64, "pair")),
+            &format!("Truncated {} of the {source} to max_seq_len {max_seq_len}", plural(truncated as u64, "pair")),
         );
     }
     if !identical.is_empty() {
@@ -211,7 +219,7 @@ pub fn encode_pairs(
         observer.on_event(
             EventLevel::Warn,
             &format!(
-                "Dropped {} whose chosen and rejected replies are identical within max_seq_len {max_seq_len} (lines {}{})",
+                "Dropped {} whose chosen and rejected replies are identical within max_seq_len {max_seq_len} ({source} lines {}{})",
                 plural(identical.len() as u64, "pair"),
                 lines.join(", "),
                 if identical.len() > 10 { " and more" } else { "" }
@@ -220,8 +228,8 @@ pub fn encode_pairs(
     }
     if encoded.is_empty() {
         return Err(invalid(
-            &format!("no preference pair differs within max_seq_len {max_seq_len}; raise max_seq_len or shorten the prompts"),
-            "method.dpo.hyperparameters.max_seq_len",
+            &format!("no preference pair of the {source} differs within max_seq_len {max_seq_len}; raise max_seq_len or shorten the prompts"),
+            &format!("{DPO_HYPERPARAMETERS}.max_seq_len"),
         ));
     }
     Ok(encoded)
@@ -342,20 +350,60 @@ fn reference_log_probs(model: &Llama, pairs: &[EncodedPair], batch_size: usize, 
 /// Measures the rewards of `pairs` without dropout, with the model's adapters off as the
 /// reference. For a model without adapters every reward is 0.
 pub fn evaluate_preferences(model: &Llama, pairs: &[EncodedPair], beta: f64, batch_size: usize, pad: u32) -> Result<PreferenceMetrics, TrainError> {
+    Ok(evaluate_pairs(model, pairs, None, beta, batch_size, pad)?.preference)
+}
+
+/// DPO figures of a set of pairs scored without dropout.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairEvaluation {
+    /// Mean sigmoid DPO loss over the pairs.
+    pub loss: f64,
+    /// Argmax accuracy over the chosen completions' tokens, as `train_mean_token_accuracy`
+    /// counts it.
+    pub token_accuracy: f64,
+    pub preference: PreferenceMetrics,
+}
+
+/// Scores `pairs` without dropout. The reference is `reference` (one value per pair, in
+/// order) when given, and otherwise the same model with its adapters off.
+pub fn evaluate_pairs(
+    model: &Llama,
+    pairs: &[EncodedPair],
+    reference: Option<&[(f64, f64)]>,
+    beta: f64,
+    batch_size: usize,
+    pad: u32,
+) -> Result<PairEvaluation, TrainError> {
     let mut all = Vec::with_capacity(pairs.len());
+    let (mut chosen_correct, mut chosen_targets) = (0usize, 0usize);
     let rows: Vec<&EncodedPair> = pairs.iter().collect();
-    for chunk in rows.chunks(batch_size.max(1)) {
-        let (chosen, rejected) = pair_log_probs(model, chunk, pad, &mut ForwardContext::eval())?;
-        let mut off = ForwardContext {
-            rng: None,
-            adapters_enabled: false,
+    let batch_size = batch_size.max(1);
+    for (index, chunk) in rows.chunks(batch_size).enumerate() {
+        let scored = score_pairs(model, chunk, pad, &mut ForwardContext::eval())?;
+        chosen_correct += scored.chosen_correct;
+        chosen_targets += scored.chosen_targets;
+        let policy = (to_f64s(&scored.chosen)?, to_f64s(&scored.rejected)?);
+        let reference: (Vec<f64>, Vec<f64>) = match reference {
+            Some(values) => values[index * batch_size..index * batch_size + chunk.len()].iter().copied().unzip(),
+            None => {
+                let mut off = ForwardContext {
+                    rng: None,
+                    adapters_enabled: false,
+                };
+                let (chosen, rejected) = pair_log_probs(model, chunk, pad, &mut off)?;
+                (to_f64s(&chosen)?, to_f64s(&rejected)?)
+            }
         };
-        let (reference_chosen, reference_rejected) = pair_log_probs(model, chunk, pad, &mut off)?;
-        let policy = (to_f64s(&chosen)?, to_f64s(&rejected)?);
-        let reference = (to_f64s(&reference_chosen)?, to_f64s(&reference_rejected)?);
         all.extend(rewards((&policy.0, &policy.1), (&reference.0, &reference.1), beta));
     }
-    Ok(summarize(&all))
+    // The reward margin is the DPO logit, so each pair's loss is softplus(−margin).
+    let softplus = |x: f64| x.max(0.0) + (-x.abs()).exp().ln_1p();
+    let loss = all.iter().map(|(chosen, rejected)| softplus(rejected - chosen)).sum::<f64>() / all.len().max(1) as f64;
+    Ok(PairEvaluation {
+        loss,
+        token_accuracy: chosen_correct as f64 / chosen_targets.max(1) as f64,
+        preference: summarize(&all),
+    })
 }
 
 struct StepTotals {
@@ -452,9 +500,9 @@ fn accumulate_gradients(
 ///
 /// Runs on the calling thread until done; call it from a blocking thread in async code.
 pub fn run_dpo(job: &DpoJob<'_>, observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
-    validate_settings(&job.settings)?;
+    validate_settings(&job.settings, DPO_HYPERPARAMETERS)?;
     if !(job.beta.is_finite() && job.beta > 0.0) {
-        return Err(invalid(&format!("beta {} must be a positive number", job.beta), "method.dpo.hyperparameters.beta"));
+        return Err(invalid(&format!("beta {} must be a positive number", job.beta), &format!("{DPO_HYPERPARAMETERS}.beta")));
     }
     if let Approach::Lora(settings) = &job.approach {
         lora::validate(settings)?;
@@ -468,7 +516,11 @@ pub fn run_dpo(job: &DpoJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
     if job.pairs.is_empty() {
         return Err(invalid("the training file has no preference pairs", "training_file"));
     }
-    let train = encode_pairs(&loaded, job.pairs, settings.max_seq_len, observer)?;
+    let train = encode_pairs(&loaded, job.pairs, settings.max_seq_len, "training file", observer)?;
+    let valid = match job.validation {
+        Some(pairs) => encode_pairs(&loaded, pairs, settings.max_seq_len, "validation file", observer)?,
+        None => Vec::new(),
+    };
     let pad = loaded.special.pad;
 
     let mut rng = Rng::new(settings.seed);
@@ -476,12 +528,16 @@ pub fn run_dpo(job: &DpoJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
     loaded.weights.clear();
     // Before the weights become trainable and before a checkpoint is restored, so the reference
     // is always the base model.
-    let reference = match &job.approach {
-        Approach::Lora(_) => None,
+    let (reference, valid_reference) = match &job.approach {
+        Approach::Lora(_) => (None, None),
         Approach::Full => {
             let values = reference_log_probs(&model, &train, settings.batch_size, pad)?;
-            observer.on_event(EventLevel::Info, &format!("Computed reference log-probabilities of {}", plural(train.len() as u64, "pair")));
-            Some(values)
+            let valid_values = reference_log_probs(&model, &valid, settings.batch_size, pad)?;
+            observer.on_event(
+                EventLevel::Info,
+                &format!("Computed reference log-probabilities of {}", plural((train.len() + valid.len()) as u64, "pair")),
+            );
+            (Some(values), Some(valid_values))
         }
     };
     let vars = trainable_vars(&mut model, &job.approach, &mut rng, observer, settings.learning_rate)?;
@@ -517,10 +573,15 @@ pub fn run_dpo(job: &DpoJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
         observer.on_event(EventLevel::Info, &format!("Resumed from the checkpoint at step {}", state.step));
     } else {
         let trainable: usize = vars.iter().map(|(_, var)| var.elem_count()).sum();
+        let validation = if valid.is_empty() {
+            String::new()
+        } else {
+            format!(" (and {} for validation)", plural(valid.len() as u64, "pair"))
+        };
         observer.on_event(
             EventLevel::Info,
             &format!(
-                "Training on {} for {} with beta {}: {}, {trainable} trainable parameters",
+                "Training on {}{validation} for {} with beta {}: {}, {trainable} trainable parameters",
                 plural(train.len() as u64, "preference pair"),
                 plural(settings.n_epochs as u64, "epoch"),
                 job.beta,
@@ -572,7 +633,7 @@ pub fn run_dpo(job: &DpoJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
 
             let preference = summarize(&totals.rewards);
             let epoch_done = progress.position >= progress.order.len();
-            let metrics = StepMetrics {
+            let mut metrics = StepMetrics {
                 step,
                 total_steps,
                 epoch: progress.epoch as f64 + progress.position as f64 / progress.order.len() as f64,
@@ -585,6 +646,12 @@ pub fn run_dpo(job: &DpoJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
                 tokens_per_second: totals.n_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 trained_tokens: progress.trained_tokens,
             };
+            let eval_due = settings.eval_interval > 0 && step % settings.eval_interval == 0;
+            if !valid.is_empty() && (eval_due || epoch_done) {
+                let evaluation = evaluate_pairs(&model, &valid, valid_reference.as_deref(), job.beta, settings.batch_size, pad)?;
+                metrics.valid_loss = Some(evaluation.loss);
+                metrics.valid_mean_token_accuracy = Some(evaluation.token_accuracy);
+            }
             tracing::debug!(step, train_loss = metrics.train_loss, reward_margin = preference.reward_margin, grad_norm = norm, "DPO step");
             observer.on_preference_step(&metrics, &preference);
 
@@ -639,6 +706,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         steps: Vec<PreferenceMetrics>,
+        valid_losses: Vec<Option<f64>>,
         stop_after: Option<u64>,
     }
 
@@ -647,8 +715,9 @@ mod tests {
             panic!("a DPO run reports its steps through on_preference_step");
         }
 
-        fn on_preference_step(&mut self, _metrics: &StepMetrics, preference: &PreferenceMetrics) {
+        fn on_preference_step(&mut self, metrics: &StepMetrics, preference: &PreferenceMetrics) {
             self.steps.push(*preference);
+            self.valid_losses.push(metrics.valid_loss);
         }
 
         fn on_event(&mut self, _level: EventLevel, _message: &str) {}
@@ -684,6 +753,7 @@ mod tests {
             model_path: model,
             base_model_name: "tiny",
             pairs,
+            validation: None,
             approach,
             settings: TrainSettings {
                 n_epochs: 6,
@@ -718,6 +788,55 @@ mod tests {
         assert!(last.reward_margin > 0.5, "{last:?}");
         assert_eq!(last.reward_accuracy, 1.0, "{last:?}");
         assert!(out.join("model").join("config.json").is_file());
+    }
+
+    #[test]
+    fn full_dpo_validation_loss_falls() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        crate::tiny::write_tiny_model_folder(&model, "llama", 5).unwrap();
+        let pairs = pairs();
+        let out = dir.path().join("out");
+        let mut scored = job(&model, &pairs, &out, Approach::Full);
+        scored.validation = Some(&pairs[..3]);
+        let mut recorder = Recorder::default();
+        run_dpo(&scored, &mut recorder).unwrap();
+
+        // Two steps per epoch, evaluated at each epoch's end.
+        let evaluated: Vec<usize> = (0..recorder.valid_losses.len()).filter(|&i| recorder.valid_losses[i].is_some()).collect();
+        assert_eq!(evaluated, [1, 3, 5, 7, 9, 11]);
+        let first = recorder.valid_losses[1].unwrap();
+        let last = recorder.valid_losses[11].unwrap();
+        // The reference stays the base model, so the loss can fall below ln 2 as the margins grow.
+        assert!(last < std::f64::consts::LN_2 - 0.1, "last validation loss {last}");
+        assert!(last < first, "validation loss rose from {first} to {last}");
+    }
+
+    #[test]
+    fn untrained_pairs_evaluate_to_ln_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let model_dir = dir.path().join("model");
+        crate::tiny::write_tiny_model_folder(&model_dir, "llama", 7).unwrap();
+        let loaded = load_model(&model_dir, &Device::Cpu).unwrap();
+        let model = Llama::from_weights(&loaded.config, &loaded.weights, &Device::Cpu).unwrap();
+        let encoded = encode_pairs(&loaded, &pairs(), 64, "validation file", &mut Recorder::default()).unwrap();
+
+        let evaluation = evaluate_pairs(&model, &encoded, None, 0.1, 3, loaded.special.pad).unwrap();
+        assert!((evaluation.loss - std::f64::consts::LN_2).abs() < 1e-12, "{evaluation:?}");
+        assert_eq!(evaluation.preference.reward_accuracy, 0.0);
+
+        // A reference that scores each chosen reply 1 nat lower gives margin 0.1 to every pair.
+        let reference: Vec<(f64, f64)> = encoded
+            .iter()
+            .map(|pair| {
+                let (chosen, rejected) = pair_log_probs(&model, &[pair], loaded.special.pad, &mut ForwardContext::eval()).unwrap();
+                (to_f64s(&chosen).unwrap()[0] - 1.0, to_f64s(&rejected).unwrap()[0])
+            })
+            .collect();
+        let shifted = evaluate_pairs(&model, &encoded, Some(&reference), 0.1, 3, loaded.special.pad).unwrap();
+        let expected = (1.0 + (-0.1f64).exp()).ln();
+        assert!((shifted.loss - expected).abs() < 1e-5, "{shifted:?}, expected {expected}");
+        assert_eq!(shifted.preference.reward_accuracy, 1.0);
     }
 
     #[test]

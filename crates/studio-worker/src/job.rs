@@ -30,6 +30,8 @@ struct Prepared {
     validation: Option<Vec<Conversation>>,
     /// The preference pairs of a DPO job, whose `examples` stay empty.
     pairs: Vec<PreferencePair>,
+    /// The validation pairs of a DPO job, whose `validation` stays empty.
+    validation_pairs: Option<Vec<PreferencePair>>,
     model_path: PathBuf,
     /// The latest checkpoint of an earlier attempt, downloaded into the scratch folder.
     resume_from: Option<PathBuf>,
@@ -141,8 +143,8 @@ impl JobRun<'_> {
             Some(distillation) => Some(self.fetch_teacher(&distillation.teacher_model, scratch).await?),
             None => None,
         };
-        // NOTE: only the training file gets teacher replies; a prompts-only validation file fails
-        // the run because it has no assistant tokens to score.
+        // Only the training file gets teacher replies: the API rejects a prompts-only
+        // validation file.
         let examples = match &teacher {
             Some(teacher) if is_prompts_only(&examples) => self.write_teacher_replies(teacher, examples).await?,
             _ => examples,
@@ -151,6 +153,7 @@ impl JobRun<'_> {
             examples,
             validation,
             pairs: Vec::new(),
+            validation_pairs: None,
             model_path: model.path,
             resume_from,
             teacher,
@@ -260,25 +263,11 @@ impl JobRun<'_> {
     /// Reads a DPO job's preference pairs, resolves its model and fetches its checkpoint.
     async fn prepare_dpo(&self, scratch: &Scratch) -> Result<Prepared, JobError> {
         let spec = &self.job.spec;
-        let file = &spec.training_file;
-        let bytes = self.services.artifacts.read(&file_key(file)).await.map_err(|err| JobError {
-            code: "invalid_training_file".into(),
-            message: format!("cannot read training file {file}: {err}"),
-            param: Some("training_file".into()),
-        })?;
-        let pairs = tokio::task::spawn_blocking(move || parse_preference_dataset(&bytes))
-            .await
-            .map_err(|err| internal_error(format!("dataset parsing stopped unexpectedly: {err}")))?
-            .map_err(|err| JobError {
-                code: "invalid_training_file".into(),
-                message: format!("training file {file}: {err}; a DPO job needs preference pairs"),
-                param: Some("training_file".into()),
-            })?;
-        self.event(EventLevel::Info, format!("Read {} preference pairs", pairs.len())).await;
-        if let Some(validation) = &spec.validation_file {
-            // NOTE: DPO runs report training rewards only; a validation file is not scored.
-            self.event(EventLevel::Warn, format!("Validation file {validation} is not used by DPO jobs")).await;
-        }
+        let pairs = self.read_pairs(&spec.training_file, "training").await?;
+        let validation_pairs = match &spec.validation_file {
+            Some(file) => Some(self.read_pairs(file, "validation").await?),
+            None => None,
+        };
         let model = self.services.models.resolve(&spec.model).map_err(|err| JobError {
             code: "model_not_found".into(),
             message: err.to_string(),
@@ -290,26 +279,34 @@ impl JobRun<'_> {
             examples: Vec::new(),
             validation: None,
             pairs,
+            validation_pairs,
             model_path: model.path,
             resume_from,
             teacher: None,
         })
     }
 
+    /// Reads and parses an uploaded file of preference pairs; `role` is `training` or
+    /// `validation`.
+    async fn read_pairs(&self, file: &FileId, role: &str) -> Result<Vec<PreferencePair>, JobError> {
+        let (param, code) = (format!("{role}_file"), format!("invalid_{role}_file"));
+        let bytes = self.read_upload(file, role).await?;
+        let pairs = tokio::task::spawn_blocking(move || parse_preference_dataset(&bytes))
+            .await
+            .map_err(|err| internal_error(format!("dataset parsing stopped unexpectedly: {err}")))?
+            .map_err(|err| JobError {
+                code,
+                message: format!("{role} file {file}: {err}; a DPO job needs preference pairs"),
+                param: Some(param),
+            })?;
+        self.event(EventLevel::Info, format!("Read {} {role} preference pairs", pairs.len())).await;
+        Ok(pairs)
+    }
+
     /// Reads and parses an uploaded dataset; `role` is `training` or `validation`.
     async fn read_dataset(&self, file: &FileId, role: &str) -> Result<Vec<Conversation>, JobError> {
-        let param = format!("{role}_file");
-        let code = format!("invalid_{role}_file");
-        let bytes = self
-            .services
-            .artifacts
-            .read(&file_key(file))
-            .await
-            .map_err(|err| JobError {
-                code: code.clone(),
-                message: format!("cannot read {role} file {file}: {err}"),
-                param: Some(param.clone()),
-            })?;
+        let (param, code) = (format!("{role}_file"), format!("invalid_{role}_file"));
+        let bytes = self.read_upload(file, role).await?;
         let (examples, summary) = tokio::task::spawn_blocking(move || parse_dataset(&bytes))
             .await
             .map_err(|err| internal_error(format!("dataset parsing stopped unexpectedly: {err}")))?
@@ -328,6 +325,15 @@ impl JobRun<'_> {
         )
         .await;
         Ok(examples)
+    }
+
+    /// Reads an uploaded file's bytes; `role` is `training` or `validation`.
+    async fn read_upload(&self, file: &FileId, role: &str) -> Result<Vec<u8>, JobError> {
+        self.services.artifacts.read(&file_key(file)).await.map_err(|err| JobError {
+            code: format!("invalid_{role}_file"),
+            message: format!("cannot read {role} file {file}: {err}"),
+            param: Some(format!("{role}_file")),
+        })
     }
 
     /// Downloads the latest checkpoint of an earlier attempt, if any, so the run resumes there.
@@ -655,6 +661,7 @@ fn run_trainer(
             model_path: &prepared.model_path,
             base_model_name: &spec.model,
             pairs: &prepared.pairs,
+            validation: prepared.validation_pairs.as_deref(),
             approach: approach(spec),
             settings: train_settings(spec),
             beta,

@@ -1195,8 +1195,9 @@ const PREFERENCES: &str = concat!(
     "\n"
 );
 
-/// What the worker handed the DPO trainer: beta, the number of pairs and `max_seq_len`.
-type SeenDpo = (f64, usize, usize);
+/// What the worker handed the DPO trainer: beta, the number of training and validation pairs,
+/// and `max_seq_len`.
+type SeenDpo = (f64, usize, Option<usize>, usize);
 
 /// Records the DPO job, reports one step with rewards and succeeds with an adapter.
 struct DpoTrainer {
@@ -1209,7 +1210,8 @@ impl Trainer for DpoTrainer {
     }
 
     fn run_dpo(&self, job: &studio_train::DpoJob<'_>, observer: &mut dyn TrainObserver) -> Result<RunOutcome, TrainError> {
-        *self.seen.lock().unwrap() = Some((job.beta, job.pairs.len(), job.settings.max_seq_len));
+        let validation = job.validation.map(<[_]>::len);
+        *self.seen.lock().unwrap() = Some((job.beta, job.pairs.len(), validation, job.settings.max_seq_len));
         let rewards = studio_train::PreferenceMetrics {
             reward_chosen: 0.5,
             reward_rejected: -0.25,
@@ -1236,22 +1238,27 @@ impl Trainer for DpoTrainer {
 #[sqlx::test(migrations = "../../migrations")]
 async fn dpo_job_runs_the_dpo_trainer_and_stores_rewards(pool: PgPool) {
     let setup = setup(pool).await;
-    let file = FileId::new();
     let artifacts = &setup.services.artifacts;
-    artifacts.put_bytes(&file_key(&file), PREFERENCES.as_bytes()).await.unwrap();
-    let new_file = NewFile {
-        id: file.clone(),
-        filename: "pairs.jsonl".into(),
-        purpose: "fine-tune".into(),
-        bytes: PREFERENCES.len() as u64,
-        sha256: "0".repeat(64),
-        format: DatasetFormat::Preference,
-        line_count: 2,
-    };
-    setup.services.store.insert_file(&new_file).await.unwrap();
+    let mut files = Vec::new();
+    for text in [PREFERENCES, PREFERENCES.lines().next().unwrap()] {
+        let file = FileId::new();
+        artifacts.put_bytes(&file_key(&file), text.as_bytes()).await.unwrap();
+        let new_file = NewFile {
+            id: file.clone(),
+            filename: "pairs.jsonl".into(),
+            purpose: "fine-tune".into(),
+            bytes: text.len() as u64,
+            sha256: "0".repeat(64),
+            format: DatasetFormat::Preference,
+            line_count: text.lines().count() as u64,
+        };
+        setup.services.store.insert_file(&new_file).await.unwrap();
+        files.push(file);
+    }
     let body = json!({
         "model": "tiny",
-        "training_file": file.as_str(),
+        "training_file": files[0].as_str(),
+        "validation_file": files[1].as_str(),
         "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "max_seq_len": 64}}},
     });
     let job = NewJob {
@@ -1273,7 +1280,7 @@ async fn dpo_job_runs_the_dpo_trainer_and_stores_rewards(pool: PgPool) {
     let lines: Vec<&str> = csv.lines().collect();
 
     assert_eq!(stored.status, JobStatus::Succeeded, "{:?}", stored.error);
-    assert_eq!(*seen.lock().unwrap(), Some((0.2, 2, 64)));
+    assert_eq!(*seen.lock().unwrap(), Some((0.2, 2, Some(1), 64)));
     let rewards = points[0].rewards.expect("the step's rewards are stored");
     assert_eq!(rewards.reward_chosen, 0.5);
     assert_eq!(rewards.reward_rejected, -0.25);

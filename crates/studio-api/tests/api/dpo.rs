@@ -1,5 +1,5 @@
 //! Creating DPO jobs: a preference file uploads in its own format, a DPO job echoes its resolved
-//! beta, and each method rejects the other's training file.
+//! beta, and each method rejects training and validation files in another method's format.
 
 use axum::http::StatusCode;
 use serde_json::json;
@@ -76,4 +76,57 @@ async fn preference_upload_names_line_and_field(pool: PgPool) {
     assert!(missing.error_message().contains("line 2: missing required field 'rejected'"), "{}", missing.error_message());
     assert_eq!(empty.status, StatusCode::BAD_REQUEST);
     assert!(empty.error_message().contains("line 1: field 'chosen' is an empty response"), "{}", empty.error_message());
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn validation_file_must_match_method(pool: PgPool) {
+    let app = test_app(pool);
+    let chat_file = app.uploaded_file_id().await;
+    let pairs = app.upload("pairs.jsonl", "fine-tune", PAIRS).await;
+    let pairs_file = pairs.json()["id"].as_str().unwrap().to_owned();
+    let prompts = app.upload("prompts.jsonl", "fine-tune", "{\"prompt\": \"Hi\"}\n").await;
+    let prompts_file = prompts.json()["id"].as_str().unwrap().to_owned();
+    let create = |training: &str, validation: &str, method: serde_json::Value| {
+        json!({"model": "tiny", "training_file": training, "validation_file": validation, "method": method})
+    };
+    let distillation = json!({"type": "distillation", "distillation": {"teacher_model": "tiny"}});
+
+    let dpo_with_chat = app
+        .post_json("/v1/fine_tuning/jobs", create(&pairs_file, &chat_file, json!({"type": "dpo"})))
+        .await;
+    let dpo_with_pairs = app
+        .post_json("/v1/fine_tuning/jobs", create(&pairs_file, &pairs_file, json!({"type": "dpo"})))
+        .await;
+    let supervised_with_pairs = app
+        .post_json("/v1/fine_tuning/jobs", create(&chat_file, &pairs_file, json!({"type": "supervised"})))
+        .await;
+    let distillation_with_prompts = app
+        .post_json("/v1/fine_tuning/jobs", create(&prompts_file, &prompts_file, distillation.clone()))
+        .await;
+    let distillation_with_pairs = app
+        .post_json("/v1/fine_tuning/jobs", create(&pairs_file, &chat_file, distillation))
+        .await;
+
+    assert_eq!(dpo_with_chat.status, StatusCode::BAD_REQUEST);
+    assert_eq!(dpo_with_chat.json()["error"]["param"], "validation_file");
+    assert_eq!(dpo_with_chat.json()["error"]["code"], "invalid_validation_file");
+    assert!(dpo_with_chat.error_message().contains("a DPO job needs preference pairs"), "{}", dpo_with_chat.error_message());
+    assert_eq!(dpo_with_pairs.status, StatusCode::OK, "{}", dpo_with_pairs.json());
+    assert_eq!(dpo_with_pairs.json()["validation_file"], pairs_file.as_str());
+    assert_eq!(supervised_with_pairs.status, StatusCode::BAD_REQUEST);
+    assert_eq!(supervised_with_pairs.json()["error"]["param"], "validation_file");
+    assert_eq!(distillation_with_prompts.status, StatusCode::BAD_REQUEST);
+    assert_eq!(distillation_with_prompts.json()["error"]["param"], "validation_file");
+    assert!(
+        distillation_with_prompts.error_message().contains("prompts without replies"),
+        "{}",
+        distillation_with_prompts.error_message()
+    );
+    assert_eq!(distillation_with_pairs.status, StatusCode::BAD_REQUEST);
+    assert_eq!(distillation_with_pairs.json()["error"]["param"], "training_file");
+    assert!(
+        distillation_with_pairs.error_message().contains("contains preference pairs"),
+        "{}",
+        distillation_with_pairs.error_message()
+    );
 }

@@ -249,7 +249,7 @@ fn dpo_pairs_identical_after_truncation_are_dropped() {
     let pairs = [pair(&format!("{shared}yes"), &format!("{shared}no")), pair("Red.", "Green.")];
     let prompt_len = encode(&pairs[0]).prompt.len();
     let mut recorder = Recorder::default();
-    let encoded = encode_pairs(model, &pairs, prompt_len + 20, &mut recorder).unwrap();
+    let encoded = encode_pairs(model, &pairs, prompt_len + 20, "training file", &mut recorder).unwrap();
     assert_eq!(encoded.len(), 1, "only the pair that differs within max_seq_len stays");
     assert!(
         recorder.events.iter().any(|e| e.starts_with("Dropped 1 pair whose chosen and rejected replies are identical")),
@@ -287,6 +287,7 @@ fn dpo_real_run_prefers_chosen_replies() {
         model_path: &model_path(),
         base_model_name: "smollm2-135m-instruct",
         pairs: &pairs,
+        validation: None,
         approach: Approach::Lora(LoraSettings::default()),
         settings: TrainSettings {
             n_epochs: 1,
@@ -326,6 +327,6 @@ fn measure(dir: &Path, pairs: &[PreferencePair], max_seq_len: usize) -> Preferen
     let loaded = load_model(&model_path(), &Device::Cpu).unwrap();
     let mut model = Llama::from_weights(&loaded.config, &loaded.weights, &Device::Cpu).unwrap();
     lora::apply_adapter(&mut model, dir).unwrap();
-    let encoded = encode_pairs(&loaded, pairs, max_seq_len, &mut Recorder::default()).unwrap();
+    let encoded = encode_pairs(&loaded, pairs, max_seq_len, "training file", &mut Recorder::default()).unwrap();
     evaluate_preferences(&model, &encoded, 0.1, 4, loaded.special.pad).unwrap()
 }
