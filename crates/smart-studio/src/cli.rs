@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -127,7 +127,7 @@ pub enum Command {
     /// Fine-tune the demo model on the bundled example dataset, end to end over the REST API.
     Demo(DemoArgs),
     /// Fine-tune locally from a JSONL file, without a server or database.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Print the mean loss and token accuracy of a model, with an optional adapter, on a dataset.
     Eval(EvalArgs),
     /// Chat with a model in the terminal: each line of standard input is a user turn.
@@ -136,25 +136,39 @@ pub enum Command {
 
 /// A local run. `--config` takes a JSON job body as `POST /v1/fine_tuning/jobs` does; flags
 /// override its fields.
+///
+/// OUTPUT_DIR/metrics.csv has one row per optimizer step. Its reward_chosen, reward_rejected,
+/// reward_accuracy and reward_margin columns are filled by DPO runs and empty otherwise.
 #[derive(Clone, Debug, Args)]
 pub struct TrainArgs {
     /// JSON file shaped like a job create request (model, method, training_type, seed).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Base model: a name in the models folder, a GGUF file or a Hugging Face folder.
+    /// Base model: a name in the models folder, a GGUF file or a Hugging Face folder. For
+    /// distillation it is the student.
     #[arg(long)]
     pub model: Option<String>,
 
-    /// Training data, one JSON conversation per line (OpenAI chat, prompt/completion or Alpaca).
+    /// Training method [default: method.type of --config, else supervised]. Replaces the
+    /// config's method; its hyperparameters shared by every method carry over.
+    #[arg(long, value_enum)]
+    pub method: Option<TrainMethod>,
+
+    /// Training data, one JSON object per line: conversations (OpenAI chat, prompt/completion
+    /// or Alpaca) for supervised and distillation runs, preference pairs for DPO, or prompts
+    /// alone for distillation, whose teacher then writes the replies.
     #[arg(long, value_name = "FILE")]
     pub training_file: PathBuf,
 
-    /// Validation data; without it a tenth of a training set of 20 or more examples is held out.
+    /// Validation data in the training file's format, with replies. Without it a supervised or
+    /// distillation run holds out a tenth of a training set of 20 or more examples, and a DPO
+    /// run holds out nothing.
     #[arg(long, value_name = "FILE")]
     pub validation_file: Option<PathBuf>,
 
-    /// Folder that receives adapter/, merged/ or model/, checkpoints/ and metrics.csv.
+    /// Folder that receives adapter/, merged/ or model/, checkpoints/, metrics.csv and, for a
+    /// prompts-only distillation file, teacher_replies.jsonl.
     #[arg(long, default_value = "./train-output")]
     pub output_dir: PathBuf,
 
@@ -221,6 +235,51 @@ pub struct TrainArgs {
     /// Seed of initialisation, shuffling and dropout.
     #[arg(long)]
     pub seed: Option<u64>,
+
+    /// DPO only: scales the log-probability ratios in the loss; larger keeps the model nearer
+    /// the base model [default: 0.1].
+    #[arg(long)]
+    pub beta: Option<f64>,
+
+    /// Distillation only: the teacher, a name in the models folder, a GGUF file or a Hugging
+    /// Face folder. Its tokenizer must match the student's.
+    #[arg(long, value_name = "MODEL")]
+    pub teacher_model: Option<String>,
+
+    /// Distillation only: softmax temperature applied to both models' logits [default: 2].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+
+    /// Distillation only: weight of the distillation term in the loss, from 0 to 1; the rest
+    /// weighs the cross-entropy [default: 0.5].
+    #[arg(long)]
+    pub kd_weight: Option<f64>,
+
+    /// Distillation only: comma-separated, increasing decoder layer indices of --model that
+    /// build a smaller student, such as 0,3,6. Needs --approach full.
+    #[arg(long, value_delimiter = ',', value_name = "LAYERS")]
+    pub student_layers: Option<Vec<u32>>,
+}
+
+/// The `method.type` of a local run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TrainMethod {
+    Supervised,
+    /// Direct preference optimisation on preference pairs.
+    Dpo,
+    /// Knowledge distillation from --teacher-model.
+    Distillation,
+}
+
+impl TrainMethod {
+    /// Returns the name that `method.type` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrainMethod::Supervised => "supervised",
+            TrainMethod::Dpo => "dpo",
+            TrainMethod::Distillation => "distillation",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Args)]

@@ -3,7 +3,11 @@
 
 use studio_core::spec::{LrScheduler, TrainingType};
 use studio_core::JobSpec;
-use studio_train::{Approach, DecayKind, LoraSettings, TrainSettings};
+use studio_train::{Approach, DecayKind, DistillSettings, LoraSettings, SamplingParams, TrainSettings};
+
+/// The maximum length of a distillation teacher's reply to a prompt of a prompts-only training
+/// file, in tokens.
+pub const MAX_TEACHER_REPLY_TOKENS: usize = 256;
 
 /// Returns what the job trains: LoRA adapters or every weight.
 pub fn approach(spec: &JobSpec) -> Approach {
@@ -40,6 +44,32 @@ pub fn train_settings(spec: &JobSpec) -> TrainSettings {
         eval_interval: hp.eval_interval,
         checkpoint_interval: hp.checkpoint_interval,
         n_checkpoints: hp.n_checkpoints,
+    }
+}
+
+/// Returns the distillation settings of the job, or `None` for other methods.
+pub fn distill_settings(spec: &JobSpec) -> Option<DistillSettings> {
+    let distillation = spec.distillation()?;
+    Some(DistillSettings {
+        temperature: distillation.hyperparameters.temperature,
+        kd_weight: distillation.hyperparameters.kd_weight,
+        student_layers: distillation
+            .student_layers
+            .as_ref()
+            .map(|layers| layers.iter().map(|&layer| layer as usize).collect()),
+    })
+}
+
+/// Returns the sampling settings of a distillation teacher's replies to a prompts-only training
+/// file: greedy, with at most `max_seq_len` or [`MAX_TEACHER_REPLY_TOKENS`] tokens per reply,
+/// whichever is fewer.
+pub fn teacher_reply_params(spec: &JobSpec) -> SamplingParams {
+    SamplingParams {
+        max_new_tokens: (spec.hyperparameters().max_seq_len as usize).min(MAX_TEACHER_REPLY_TOKENS),
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: spec.seed,
     }
 }
 
@@ -102,5 +132,37 @@ mod tests {
             use_rslora: true,
         });
         assert_eq!(approach(&spec), expected);
+    }
+
+    #[test]
+    fn distillation_settings_reach_the_trainer() {
+        let body = json!({
+            "model": "m",
+            "training_file": "file-x",
+            "seed": 5,
+            "training_type": {"type": "full"},
+            "method": {"type": "distillation", "distillation": {
+                "teacher_model": "t", "student_layers": [0, 2],
+                "hyperparameters": {"temperature": 3, "kd_weight": 0.25, "max_seq_len": 64}}},
+        });
+        let spec = JobSpec::parse(&body, 0).unwrap();
+
+        let expected = DistillSettings {
+            temperature: 3.0,
+            kd_weight: 0.25,
+            student_layers: Some(vec![0, 2]),
+        };
+        assert_eq!(distill_settings(&spec), Some(expected));
+        let params = teacher_reply_params(&spec);
+        assert_eq!(params.max_new_tokens, 64);
+        assert_eq!(params.temperature, 0.0);
+        assert_eq!(params.seed, 5);
+    }
+
+    #[test]
+    fn supervised_job_has_no_distillation_settings() {
+        let spec = JobSpec::parse(&json!({"model": "m", "training_file": "file-x"}), 0).unwrap();
+        assert_eq!(distill_settings(&spec), None);
+        assert_eq!(teacher_reply_params(&spec).max_new_tokens, MAX_TEACHER_REPLY_TOKENS);
     }
 }

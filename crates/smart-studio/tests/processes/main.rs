@@ -4,6 +4,7 @@
 //!
 //! Needs `DATABASE_URL` (a Postgres server on which the user may create databases), `initdb`
 //! and `pg_ctl` on `PATH`, and the model file (`cargo run -p smart-studio -- fetch-model`).
+//! The `train` tests need none of these: they run `smart-studio train` on tiny random models.
 
 mod api;
 mod children;
@@ -12,6 +13,7 @@ mod data;
 mod database;
 mod database_restart;
 mod postgres_server;
+mod train;
 
 use tokio::sync::{Mutex, MutexGuard};
 
