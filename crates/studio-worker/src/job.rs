@@ -8,18 +8,17 @@ use sha2::{Digest, Sha256};
 use studio_core::dataset::{DatasetFormat, Role};
 use studio_store::NewFile;
 use studio_train::distill::teacher_replies;
-use studio_train::generate::SamplingParams;
 use studio_core::dataset::{parse_dataset, parse_preference_dataset, Conversation, PreferencePair};
 use studio_core::{FileId, JobSpec, JobStatus};
 use studio_store::keys::{file_key, final_artifact_prefix, results_csv_key};
 use studio_store::{
     EventLevel, JobError, JobRecord, MetricPoint, NewEvent, PageRequest, RewardMetrics, Services, StoreError,
 };
-use studio_train::{ArtifactKind, DistillJob, DistillSettings, DpoJob, RunOutcome, SftJob, TrainError};
+use studio_train::{ArtifactKind, DistillJob, DpoJob, RunOutcome, SftJob, TrainError};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::plan::{approach, train_settings};
+use crate::plan::{approach, distill_settings, teacher_reply_params, train_settings};
 use crate::progress::{write_progress, ChannelObserver, ProgressSink, StopFlags};
 use crate::retry::retry_unavailable;
 use crate::{Trainer, WorkerSettings};
@@ -165,13 +164,7 @@ impl JobRun<'_> {
     async fn write_teacher_replies(&self, teacher: &Teacher, prompts: Vec<Conversation>) -> Result<Vec<Conversation>, JobError> {
         let spec = &self.job.spec;
         self.event(EventLevel::Info, format!("The teacher is writing replies to {} prompts", prompts.len())).await;
-        let params = SamplingParams {
-            max_new_tokens: (spec.hyperparameters().max_seq_len as usize).min(MAX_TEACHER_REPLY_TOKENS),
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: spec.seed,
-        };
+        let params = teacher_reply_params(spec);
         let (path, adapter) = (teacher.path.clone(), teacher.adapter.clone());
         let job_id = self.job.id.clone();
         // NOTE: a cancel or pause takes effect only once every reply is written.
@@ -692,14 +685,7 @@ fn run_trainer(
             teacher_path: &teacher.path,
             teacher_adapter: teacher.adapter.as_deref(),
             teacher_name: &distillation.teacher_model,
-            distill: DistillSettings {
-                temperature: distillation.hyperparameters.temperature,
-                kd_weight: distillation.hyperparameters.kd_weight,
-                student_layers: distillation
-                    .student_layers
-                    .as_ref()
-                    .map(|layers| layers.iter().map(|&layer| layer as usize).collect()),
-            },
+            distill: distill_settings(spec).expect("a distillation spec has distillation settings"),
         };
         return trainer.run_distillation(&job, &mut observer);
     }
@@ -734,9 +720,6 @@ fn results_csv(metrics: &[MetricPoint]) -> String {
     }
     csv
 }
-
-/// The longest reply the teacher writes for a prompts-only training file, in tokens.
-const MAX_TEACHER_REPLY_TOKENS: usize = 256;
 
 /// Tells whether every conversation ends with a user turn, as a prompts-only file's do.
 fn is_prompts_only(conversations: &[Conversation]) -> bool {
