@@ -7,14 +7,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use studio_core::dataset::{Conversation, Message, Role};
 
 use crate::batch::Batch;
 use crate::chat::EncodedExample;
-use crate::checkpoint;
 use crate::data::{encode_examples, hold_out};
 use crate::export::FolderMetadata;
 use crate::generate::{ChatModel, SamplingParams};
@@ -22,16 +20,11 @@ use crate::loader::{load_model, LoadedModel};
 use crate::lora;
 use crate::model::{ForwardContext, Llama};
 use crate::ops::{cross_entropy_per_row, log_softmax_last_dim};
-use crate::optim::{grad_norm, AdamW, AdamWConfig};
 use crate::rng::Rng;
-use crate::run::{
-    clip, invalid, planned_checkpoints, plural, trainable_vars, validate_settings, write_artifacts,
-    write_checkpoint, Progress,
-};
-use crate::schedule::Schedule;
+use crate::run::{invalid, plural, trainable_vars, validate_settings, write_artifacts};
+use crate::steps::{LoopEnd, StepGradients, StepLoop, StepMethod};
 use crate::{
-    evaluate, CheckpointInfo, EventLevel, RunOutcome, SftJob, StepMetrics, StopRequest, TrainError,
-    TrainObserver, TrainSummary, MAX_CONSECUTIVE_SKIPPED_STEPS,
+    evaluate, EventLevel, RunOutcome, SftJob, TrainError, TrainObserver, TrainSummary,
 };
 
 /// The distillation settings of a run.
@@ -440,199 +433,43 @@ pub fn run_distillation(
         observer,
         settings.learning_rate,
     )?;
-    let optimizer_config = AdamWConfig {
-        weight_decay: settings.weight_decay,
-        ..AdamWConfig::default()
+
+    let method = DistillSteps {
+        context: StepContext {
+            teacher: &teacher,
+            student: &model,
+            vars: &vars,
+            vocab,
+            distill: &job.distill,
+            batch_size: settings.batch_size,
+            pad: loaded.special.pad,
+            device: &device,
+        },
+        train: &train,
+        valid: &valid,
     };
-    let mut optimizer = AdamW::new(
-        vars.iter().map(|(_, var)| var.clone()).collect(),
-        optimizer_config,
-    )?;
-
-    let examples_per_step = settings.batch_size * settings.gradient_accumulation_steps;
-    let steps_per_epoch = train.len().div_ceil(examples_per_step) as u64;
-    let total_steps = steps_per_epoch * settings.n_epochs as u64;
-    let schedule = Schedule {
-        peak_lr: settings.learning_rate,
-        warmup_steps: (settings.warmup_ratio * total_steps as f64).ceil() as u64,
-        total_steps,
-        decay: settings.lr_scheduler,
+    let describe = |total_steps: u64, _trainable: usize| {
+        format!(
+            "Distilling {} on {} for {}: {}, temperature {}, kd_weight {}",
+            job.teacher_name,
+            plural(train.len() as u64, "example"),
+            plural(settings.n_epochs as u64, "epoch"),
+            plural(total_steps, "step"),
+            job.distill.temperature,
+            job.distill.kd_weight,
+        )
     };
-    let checkpoint_steps = planned_checkpoints(
-        total_steps,
-        settings.checkpoint_interval,
-        settings.n_checkpoints,
-    );
-
-    let mut progress = Progress::default();
-    if let Some(dir) = sft.resume_from {
-        let state = checkpoint::read_state(dir)?;
-        if state.total_steps != total_steps {
-            return Err(invalid(
-                &format!("checkpoint {} plans {} steps but this run plans {total_steps}; resume with the same data and settings", dir.display(), state.total_steps),
-                "checkpoint",
-            ));
-        }
-        checkpoint::restore(
-            dir,
-            crate::run::weights_file(&sft.approach),
-            &vars,
-            &mut optimizer,
-            &state,
-            &device,
-        )?;
-        rng = state.rng.clone();
-        progress = Progress::from_state(&state);
-        observer.on_event(
-            EventLevel::Info,
-            &format!("Resumed from the checkpoint at step {}", state.step),
-        );
-    } else {
-        observer.on_event(
-            EventLevel::Info,
-            &format!(
-                "Distilling {} on {} for {}: {}, temperature {}, kd_weight {}",
-                job.teacher_name,
-                plural(train.len() as u64, "example"),
-                plural(settings.n_epochs as u64, "epoch"),
-                plural(total_steps, "step"),
-                job.distill.temperature,
-                job.distill.kd_weight,
-            ),
-        );
-    }
-
-    let pad = loaded.special.pad;
-    if let Some(request) = observer.stop_request() {
-        observer.on_event(
-            EventLevel::Info,
-            &format!("Stopped before step {}", progress.step + 1),
-        );
-        return Ok(RunOutcome::Stopped {
-            steps: progress.step,
-            request,
-        });
-    }
-    let context = StepContext {
-        teacher: &teacher,
-        student: &model,
+    let steps = StepLoop {
+        job: sft,
+        model: &model,
         vars: &vars,
-        vocab,
-        distill: &job.distill,
-        batch_size: settings.batch_size,
-        pad,
-        device: &device,
+        n_items: train.len(),
+        rng,
     };
-    while progress.epoch < settings.n_epochs {
-        if progress.position == 0 {
-            progress.order = (0..train.len()).collect();
-            rng.shuffle(&mut progress.order);
-        }
-        while progress.position < progress.order.len() {
-            let started = Instant::now();
-            let end = (progress.position + examples_per_step).min(progress.order.len());
-            let rows: Vec<&EncodedExample> = progress.order[progress.position..end]
-                .iter()
-                .map(|&i| &train[i])
-                .collect();
-            progress.position = end;
-            progress.step += 1;
-            let step = progress.step;
-
-            let totals = context.accumulate(&rows, &mut rng)?;
-            let norm = grad_norm(&totals.grads)?;
-            if !totals.loss.is_finite() || !norm.is_finite() {
-                progress.skipped_steps += 1;
-                progress.consecutive_skipped += 1;
-                observer.on_event(
-                    EventLevel::Warn,
-                    &format!(
-                        "Skipped step {step}: loss {} and gradient norm {norm} are not both finite",
-                        totals.loss
-                    ),
-                );
-                if progress.consecutive_skipped >= MAX_CONSECUTIVE_SKIPPED_STEPS {
-                    return Err(TrainError::NonFinite(format!(
-                        "{} steps in a row up to step {step} produced a non-finite loss or gradient; lower the learning rate",
-                        progress.consecutive_skipped
-                    )));
-                }
-                continue;
-            }
-            progress.consecutive_skipped = 0;
-
-            let grads = clip(totals.grads, norm, settings.max_grad_norm)?;
-            let learning_rate = schedule.learning_rate(step);
-            optimizer.step_with(&grads, learning_rate)?;
-            progress.trained_tokens += totals.n_tokens as u64;
-
-            let epoch_done = progress.position >= progress.order.len();
-            let mut metrics = StepMetrics {
-                step,
-                total_steps,
-                epoch: progress.epoch as f64
-                    + progress.position as f64 / progress.order.len() as f64,
-                train_loss: totals.loss,
-                train_mean_token_accuracy: totals.n_correct as f64 / totals.n_targets.max(1) as f64,
-                valid_loss: None,
-                valid_mean_token_accuracy: None,
-                learning_rate,
-                grad_norm: norm,
-                tokens_per_second: totals.n_tokens as f64
-                    / started.elapsed().as_secs_f64().max(1e-9),
-                trained_tokens: progress.trained_tokens,
-            };
-            let eval_due = settings.eval_interval > 0 && step % settings.eval_interval == 0;
-            if !valid.is_empty() && (eval_due || epoch_done) {
-                let (loss, accuracy) = evaluate(&model, &valid, settings.batch_size, pad, &device)?;
-                metrics.valid_loss = Some(loss);
-                metrics.valid_mean_token_accuracy = Some(accuracy);
-            }
-            tracing::debug!(
-                step,
-                train_loss = metrics.train_loss,
-                kd_loss = totals.kl,
-                ce_loss = totals.ce,
-                grad_norm = norm,
-                "distillation step"
-            );
-            observer.on_step(&metrics);
-
-            if epoch_done {
-                progress.epoch += 1;
-                progress.position = 0;
-            }
-            let stop = observer.stop_request();
-            let suspend = stop == Some(StopRequest::Suspend) && !checkpoint_steps.contains(&step);
-            if let (Some(dir), true) = (
-                sft.checkpoint_dir,
-                checkpoint_steps.contains(&step) || suspend,
-            ) {
-                let state =
-                    progress.state(&rng, schedule, &vars, &sft.approach, optimizer.step_count());
-                let path = write_checkpoint(dir, sft, &model, &vars, &optimizer, &state)?;
-                observer.on_checkpoint(&CheckpointInfo {
-                    step,
-                    dir: path,
-                    metrics: metrics.clone(),
-                });
-            }
-            if let Some(request) = stop {
-                observer.on_event(EventLevel::Info, &format!("Stopped after step {step}"));
-                return Ok(RunOutcome::Stopped {
-                    steps: step,
-                    request,
-                });
-            }
-            if epoch_done {
-                break;
-            }
-        }
-        if progress.position > 0 && progress.position >= progress.order.len() {
-            progress.epoch += 1;
-            progress.position = 0;
-        }
-    }
+    let progress = match steps.run(&method, observer, &describe)? {
+        LoopEnd::Finished(progress) => progress,
+        LoopEnd::Stopped(outcome) => return Ok(outcome),
+    };
 
     let metadata = FolderMetadata {
         tokenizer: &loaded.tokenizer,
@@ -650,6 +487,36 @@ pub fn run_distillation(
         skipped_steps: progress.skipped_steps,
         artifacts,
     }))
+}
+
+/// The distillation step: the teacher's softened distribution and the reference tokens.
+struct DistillSteps<'a> {
+    context: StepContext<'a>,
+    train: &'a [EncodedExample],
+    valid: &'a [EncodedExample],
+}
+
+impl StepMethod for DistillSteps<'_> {
+    fn gradients(&self, indices: &[usize], rng: &mut Rng) -> Result<StepGradients, TrainError> {
+        let rows: Vec<&EncodedExample> = indices.iter().map(|&i| &self.train[i]).collect();
+        let totals = self.context.accumulate(&rows, rng)?;
+        tracing::debug!(train_loss = totals.loss, kd_loss = totals.kl, ce_loss = totals.ce, "distillation step");
+        Ok(StepGradients {
+            loss: totals.loss,
+            token_accuracy: totals.n_correct as f64 / totals.n_targets.max(1) as f64,
+            n_tokens: totals.n_tokens,
+            grads: totals.grads,
+            preference: None,
+        })
+    }
+
+    fn evaluate(&self) -> Result<Option<(f64, f64)>, TrainError> {
+        if self.valid.is_empty() {
+            return Ok(None);
+        }
+        let context = &self.context;
+        evaluate(context.student, self.valid, context.batch_size, context.pad, context.device).map(Some)
+    }
 }
 
 /// The models and settings that every step of a run uses.
@@ -748,5 +615,122 @@ impl StepContext<'_> {
             })
             .collect::<Result<_, _>>()?;
         Ok(totals)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::run::{StepMetrics, StopRequest};
+    use crate::{Approach, CheckpointInfo, TrainSettings};
+
+    #[derive(Default)]
+    struct Recorder {
+        steps: Vec<StepMetrics>,
+        checkpoints: Vec<CheckpointInfo>,
+        stop_after: Option<u64>,
+    }
+
+    impl TrainObserver for Recorder {
+        fn on_step(&mut self, metrics: &StepMetrics) {
+            self.steps.push(metrics.clone());
+        }
+
+        fn on_event(&mut self, _level: EventLevel, _message: &str) {}
+
+        fn stop_request(&mut self) -> Option<StopRequest> {
+            match self.stop_after {
+                Some(step) if self.steps.len() as u64 >= step => Some(StopRequest::Suspend),
+                _ => None,
+            }
+        }
+
+        fn on_checkpoint(&mut self, checkpoint: &CheckpointInfo) {
+            self.checkpoints.push(checkpoint.clone());
+        }
+    }
+
+    fn conversations() -> Vec<Conversation> {
+        (0..8)
+            .map(|i| Conversation {
+                messages: vec![
+                    Message { role: Role::User, content: format!("count to {i}"), weight: None },
+                    Message { role: Role::Assistant, content: (0..=i).map(|n| n.to_string()).collect::<Vec<_>>().join(" "), weight: None },
+                ],
+            })
+            .collect()
+    }
+
+    /// Distils a 2-layer tiny teacher into its own first layer, from `resume` when given.
+    fn distill(root: &Path, out: &str, examples: &[Conversation], resume: Option<&Path>, recorder: &mut Recorder) -> RunOutcome {
+        let teacher = root.join("teacher");
+        let output = root.join(out);
+        let checkpoints = root.join(format!("{out}-checkpoints"));
+        let job = DistillJob {
+            sft: SftJob {
+                model_path: &teacher,
+                base_model_name: "tiny",
+                examples,
+                validation: Some(&examples[..2]),
+                approach: Approach::Full,
+                settings: TrainSettings {
+                    n_epochs: 2,
+                    batch_size: 2,
+                    gradient_accumulation_steps: 2,
+                    learning_rate: 1e-2,
+                    max_seq_len: 160,
+                    seed: 3,
+                    ..TrainSettings::default()
+                },
+                output_dir: &output,
+                checkpoint_dir: Some(&checkpoints),
+                resume_from: resume,
+                export_merged: false,
+            },
+            teacher_path: &teacher,
+            teacher_adapter: None,
+            teacher_name: "tiny",
+            distill: DistillSettings {
+                temperature: 2.0,
+                kd_weight: 0.5,
+                student_layers: Some(vec![0]),
+            },
+        };
+        run_distillation(&job, recorder).unwrap()
+    }
+
+    #[test]
+    fn distillation_resume_matches_uninterrupted_run() {
+        let root = tempfile::tempdir().unwrap();
+        crate::tiny::write_tiny_model_folder(&root.path().join("teacher"), "llama", 11).unwrap();
+        let examples = conversations();
+
+        let mut whole = Recorder::default();
+        distill(root.path(), "whole", &examples, None, &mut whole);
+        let mut first = Recorder { stop_after: Some(3), ..Recorder::default() };
+        let stopped = distill(root.path(), "cut", &examples, None, &mut first);
+        let checkpoint = first.checkpoints.last().expect("a checkpoint on suspend").dir.clone();
+        let mut rest = Recorder::default();
+        distill(root.path(), "cut", &examples, Some(&checkpoint), &mut rest);
+
+        // All 8 examples train, since a validation set is given: 2 steps of 4 an epoch.
+        assert_eq!(whole.steps.len(), 4);
+        assert_eq!(stopped, RunOutcome::Stopped { steps: 3, request: StopRequest::Suspend });
+        assert!(checkpoint.ends_with("step-3"), "{}", checkpoint.display());
+        assert_eq!(rest.steps.len(), 1);
+        let (expected, resumed) = (&whole.steps[3], &rest.steps[0]);
+        assert!((expected.train_loss - resumed.train_loss).abs() < 1e-5, "{expected:?} vs {resumed:?}");
+        assert_eq!(expected.valid_loss.is_some(), resumed.valid_loss.is_some());
+        let read = |out: &str| {
+            candle_core::safetensors::load(root.path().join(out).join("model").join("model.safetensors"), &Device::Cpu).unwrap()
+        };
+        let (whole_model, resumed_model) = (read("whole"), read("cut"));
+        assert_eq!(whole_model.len(), resumed_model.len());
+        for (name, tensor) in &whole_model {
+            let difference = (tensor - &resumed_model[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(difference <= 1e-5, "{name} differs by {difference} after resuming");
+        }
     }
 }

@@ -6,7 +6,6 @@
 //! exactly 0. With full fine-tuning the reference log-probabilities are computed in one pass
 //! before the first update.
 
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use studio_core::dataset::PreferencePair;
@@ -14,20 +13,17 @@ use tokenizers::Tokenizer;
 
 use crate::batch::Batch;
 use crate::chat::{ChatTemplate, EncodedExample};
-use crate::checkpoint;
 use crate::export::FolderMetadata;
 use crate::loader::{load_model, LoadedModel};
 use crate::lora;
 use crate::model::{ForwardContext, Llama};
 use crate::ops::cross_entropy_per_row;
-use crate::optim::{grad_norm, AdamW, AdamWConfig};
 use crate::rng::Rng;
 use crate::run::{
-    clip, invalid, planned_checkpoints, plural, trainable_vars, validate_settings, weights_file, write_artifacts,
-    write_checkpoint, Approach, CheckpointInfo, EventLevel, Progress, RunOutcome, SftJob, StepMetrics, StopRequest,
-    TrainObserver, TrainSettings, TrainSummary, MAX_CONSECUTIVE_SKIPPED_STEPS,
+    invalid, plural, trainable_vars, validate_settings, write_artifacts, Approach, EventLevel, RunOutcome, SftJob,
+    TrainObserver, TrainSettings, TrainSummary,
 };
-use crate::schedule::Schedule;
+use crate::steps::{LoopEnd, StepGradients, StepLoop, StepMethod};
 use crate::TrainError;
 
 /// One DPO run.
@@ -415,6 +411,44 @@ struct StepTotals {
     grads: Vec<Tensor>,
 }
 
+/// The DPO step: the sigmoid loss of each pair against the reference log-probabilities.
+struct DpoSteps<'a> {
+    model: &'a Llama,
+    vars: &'a [(String, Var)],
+    train: &'a [EncodedPair],
+    valid: &'a [EncodedPair],
+    /// The base model's log-probabilities of the training pairs in a full fine-tuning run. A
+    /// LoRA run computes them with the adapters off instead.
+    reference: Option<&'a [(f64, f64)]>,
+    valid_reference: Option<&'a [(f64, f64)]>,
+    beta: f64,
+    batch_size: usize,
+    pad: u32,
+}
+
+impl StepMethod for DpoSteps<'_> {
+    fn gradients(&self, indices: &[usize], rng: &mut Rng) -> Result<StepGradients, TrainError> {
+        let totals = accumulate_gradients(self.model, self.vars, self.train, indices, self.reference, self.beta, self.batch_size, rng, self.pad)?;
+        let preference = summarize(&totals.rewards);
+        tracing::debug!(train_loss = totals.loss, reward_margin = preference.reward_margin, "DPO step");
+        Ok(StepGradients {
+            loss: totals.loss,
+            token_accuracy: totals.chosen_correct as f64 / totals.chosen_targets.max(1) as f64,
+            n_tokens: totals.n_tokens,
+            grads: totals.grads,
+            preference: Some(preference),
+        })
+    }
+
+    fn evaluate(&self) -> Result<Option<(f64, f64)>, TrainError> {
+        if self.valid.is_empty() {
+            return Ok(None);
+        }
+        let evaluation = evaluate_pairs(self.model, self.valid, self.valid_reference, self.beta, self.batch_size, self.pad)?;
+        Ok(Some((evaluation.loss, evaluation.token_accuracy)))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn accumulate_gradients(
     model: &Llama,
@@ -541,144 +575,43 @@ pub fn run_dpo(job: &DpoJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
         }
     };
     let vars = trainable_vars(&mut model, &job.approach, &mut rng, observer, settings.learning_rate)?;
-    let optimizer_config = AdamWConfig {
-        weight_decay: settings.weight_decay,
-        ..AdamWConfig::default()
-    };
-    let mut optimizer = AdamW::new(vars.iter().map(|(_, var)| var.clone()).collect(), optimizer_config)?;
 
-    let pairs_per_step = settings.batch_size * settings.gradient_accumulation_steps;
-    let steps_per_epoch = train.len().div_ceil(pairs_per_step) as u64;
-    let total_steps = steps_per_epoch * settings.n_epochs as u64;
-    let schedule = Schedule {
-        peak_lr: settings.learning_rate,
-        warmup_steps: (settings.warmup_ratio * total_steps as f64).ceil() as u64,
-        total_steps,
-        decay: settings.lr_scheduler,
+    let method = DpoSteps {
+        model: &model,
+        vars: &vars,
+        train: &train,
+        valid: &valid,
+        reference: reference.as_deref(),
+        valid_reference: valid_reference.as_deref(),
+        beta: job.beta,
+        batch_size: settings.batch_size,
+        pad,
     };
-    let checkpoint_steps = planned_checkpoints(total_steps, settings.checkpoint_interval, settings.n_checkpoints);
-
-    let mut progress = Progress::default();
-    if let Some(dir) = job.resume_from {
-        let state = checkpoint::read_state(dir)?;
-        if state.total_steps != total_steps {
-            return Err(invalid(
-                &format!("checkpoint {} plans {} steps but this run plans {total_steps}; resume with the same data and settings", dir.display(), state.total_steps),
-                "checkpoint",
-            ));
-        }
-        checkpoint::restore(dir, weights_file(&job.approach), &vars, &mut optimizer, &state, &device)?;
-        rng = state.rng.clone();
-        progress = Progress::from_state(&state);
-        observer.on_event(EventLevel::Info, &format!("Resumed from the checkpoint at step {}", state.step));
+    let validation = if valid.is_empty() {
+        String::new()
     } else {
-        let trainable: usize = vars.iter().map(|(_, var)| var.elem_count()).sum();
-        let validation = if valid.is_empty() {
-            String::new()
-        } else {
-            format!(" (and {} for validation)", plural(valid.len() as u64, "pair"))
-        };
-        observer.on_event(
-            EventLevel::Info,
-            &format!(
-                "Training on {}{validation} for {} with beta {}: {}, {trainable} trainable parameters",
-                plural(train.len() as u64, "preference pair"),
-                plural(settings.n_epochs as u64, "epoch"),
-                job.beta,
-                plural(total_steps, "step"),
-            ),
-        );
-    }
-
-    if let Some(request) = observer.stop_request() {
-        observer.on_event(EventLevel::Info, &format!("Stopped before step {}", progress.step + 1));
-        return Ok(RunOutcome::Stopped { steps: progress.step, request });
-    }
-    while progress.epoch < settings.n_epochs {
-        if progress.position == 0 {
-            progress.order = (0..train.len()).collect();
-            rng.shuffle(&mut progress.order);
-        }
-        while progress.position < progress.order.len() {
-            let started = Instant::now();
-            let end = (progress.position + pairs_per_step).min(progress.order.len());
-            let indices: Vec<usize> = progress.order[progress.position..end].to_vec();
-            progress.position = end;
-            progress.step += 1;
-            let step = progress.step;
-
-            let totals = accumulate_gradients(&model, &vars, &train, &indices, reference.as_deref(), job.beta, settings.batch_size, &mut rng, pad)?;
-            let norm = grad_norm(&totals.grads)?;
-            if !totals.loss.is_finite() || !norm.is_finite() {
-                progress.skipped_steps += 1;
-                progress.consecutive_skipped += 1;
-                observer.on_event(
-                    EventLevel::Warn,
-                    &format!("Skipped step {step}: loss {} and gradient norm {norm} are not both finite", totals.loss),
-                );
-                if progress.consecutive_skipped >= MAX_CONSECUTIVE_SKIPPED_STEPS {
-                    return Err(TrainError::NonFinite(format!(
-                        "{} steps in a row up to step {step} produced a non-finite loss or gradient; lower the learning rate",
-                        progress.consecutive_skipped
-                    )));
-                }
-                continue;
-            }
-            progress.consecutive_skipped = 0;
-
-            let grads = clip(totals.grads, norm, settings.max_grad_norm)?;
-            let learning_rate = schedule.learning_rate(step);
-            optimizer.step_with(&grads, learning_rate)?;
-            progress.trained_tokens += totals.n_tokens as u64;
-
-            let preference = summarize(&totals.rewards);
-            let epoch_done = progress.position >= progress.order.len();
-            let mut metrics = StepMetrics {
-                step,
-                total_steps,
-                epoch: progress.epoch as f64 + progress.position as f64 / progress.order.len() as f64,
-                train_loss: totals.loss,
-                train_mean_token_accuracy: totals.chosen_correct as f64 / totals.chosen_targets.max(1) as f64,
-                valid_loss: None,
-                valid_mean_token_accuracy: None,
-                learning_rate,
-                grad_norm: norm,
-                tokens_per_second: totals.n_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
-                trained_tokens: progress.trained_tokens,
-            };
-            let eval_due = settings.eval_interval > 0 && step % settings.eval_interval == 0;
-            if !valid.is_empty() && (eval_due || epoch_done) {
-                let evaluation = evaluate_pairs(&model, &valid, valid_reference.as_deref(), job.beta, settings.batch_size, pad)?;
-                metrics.valid_loss = Some(evaluation.loss);
-                metrics.valid_mean_token_accuracy = Some(evaluation.token_accuracy);
-            }
-            tracing::debug!(step, train_loss = metrics.train_loss, reward_margin = preference.reward_margin, grad_norm = norm, "DPO step");
-            observer.on_preference_step(&metrics, &preference);
-
-            if epoch_done {
-                progress.epoch += 1;
-                progress.position = 0;
-            }
-            let stop = observer.stop_request();
-            let suspend = stop == Some(StopRequest::Suspend) && !checkpoint_steps.contains(&step);
-            if let (Some(dir), true) = (job.checkpoint_dir, checkpoint_steps.contains(&step) || suspend) {
-                let state = progress.state(&rng, schedule, &vars, &job.approach, optimizer.step_count());
-                let path = write_checkpoint(dir, &sft, &model, &vars, &optimizer, &state)?;
-                observer.on_checkpoint(&CheckpointInfo { step, dir: path, metrics: metrics.clone() });
-            }
-            if let Some(request) = stop {
-                observer.on_event(EventLevel::Info, &format!("Stopped after step {step}"));
-                return Ok(RunOutcome::Stopped { steps: step, request });
-            }
-            if epoch_done {
-                break;
-            }
-        }
-        if progress.position > 0 && progress.position >= progress.order.len() {
-            progress.epoch += 1;
-            progress.position = 0;
-        }
-    }
+        format!(" (and {} for validation)", plural(valid.len() as u64, "pair"))
+    };
+    let describe = |total_steps: u64, trainable: usize| {
+        format!(
+            "Training on {}{validation} for {} with beta {}: {}, {trainable} trainable parameters",
+            plural(train.len() as u64, "preference pair"),
+            plural(settings.n_epochs as u64, "epoch"),
+            job.beta,
+            plural(total_steps, "step"),
+        )
+    };
+    let steps = StepLoop {
+        job: &sft,
+        model: &model,
+        vars: &vars,
+        n_items: train.len(),
+        rng,
+    };
+    let progress = match steps.run(&method, observer, &describe)? {
+        LoopEnd::Finished(progress) => progress,
+        LoopEnd::Stopped(outcome) => return Ok(outcome),
+    };
 
     let metadata = FolderMetadata {
         tokenizer: &loaded.tokenizer,
@@ -702,6 +635,8 @@ mod tests {
     use studio_core::dataset::{Message, Role};
 
     use super::*;
+    use crate::checkpoint;
+    use crate::run::{StepMetrics, StopRequest};
 
     #[derive(Default)]
     struct Recorder {

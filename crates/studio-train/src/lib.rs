@@ -1,8 +1,9 @@
 //! The Smart Studio trainer as a library: Llama-family models loaded from GGUF, the model's chat
-//! template, LoRA adapters in PEFT layout, and a supervised training loop with AdamW.
+//! template, LoRA adapters in PEFT layout, and AdamW training for supervised fine-tuning, DPO and
+//! distillation, which share one step loop.
 //!
-//! It has no HTTP or database code: the worker and the CLI call [`run_sft`] with an
-//! observer that receives metrics and events.
+//! It has no HTTP or database code: the worker and the CLI call [`run_sft`], [`run_dpo`] or
+//! [`run_distillation`] with an observer that receives metrics and events.
 
 pub mod batch;
 pub mod chat;
@@ -25,6 +26,7 @@ pub mod optim;
 pub mod rng;
 pub mod schedule;
 mod run;
+mod steps;
 pub mod tiny;
 pub mod tokenizer;
 
@@ -33,8 +35,8 @@ pub use error::TrainError;
 pub use run::{
     evaluate, run_sft, Approach, ArtifactKind, CheckpointInfo, EventLevel, LoraSettings, RunOutcome,
     SftJob, StepMetrics, StopRequest, TrainObserver, TrainSettings, TrainSummary, FULL_LEARNING_RATE_RANGE,
-    MAX_CONSECUTIVE_SKIPPED_STEPS,
 };
+pub use steps::MAX_CONSECUTIVE_SKIPPED_STEPS;
 pub use generate::{generate, ChatModel, ChatReply, FinishReason, SamplingParams};
 pub use dpo::{run_dpo, DpoJob, PreferenceMetrics};
 pub use schedule::DecayKind;

@@ -1,8 +1,6 @@
 //! The supervised fine-tuning loop, for LoRA and full-parameter training.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use studio_core::dataset::Conversation;
@@ -15,9 +13,10 @@ use crate::export::{save_model_folder, FolderMetadata, DEFAULT_MAX_SHARD_BYTES};
 use crate::loader::load_model;
 use crate::lora;
 use crate::model::{ForwardContext, Llama};
-use crate::optim::{grad_norm, AdamW, AdamWConfig};
+use crate::optim::AdamW;
 use crate::rng::Rng;
-use crate::schedule::{DecayKind, Schedule};
+use crate::schedule::DecayKind;
+use crate::steps::{LoopEnd, StepGradients, StepLoop, StepMethod};
 use crate::TrainError;
 
 /// LoRA hyperparameters, with PEFT's meaning.
@@ -227,9 +226,6 @@ pub enum RunOutcome {
     Stopped { steps: u64, request: StopRequest },
 }
 
-/// A run fails after this many non-finite steps in a row.
-pub const MAX_CONSECUTIVE_SKIPPED_STEPS: u64 = 3;
-
 /// Runs supervised fine-tuning and writes the artifacts under `job.output_dir`.
 ///
 /// Runs on the calling thread until done; call it from a blocking thread in async code.
@@ -269,145 +265,34 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
     let mut model = Llama::from_weights(&loaded.config, &loaded.weights, &device)?;
     loaded.weights.clear();
     let vars = trainable_vars(&mut model, &job.approach, &mut rng, observer, settings.learning_rate)?;
-    let optimizer_config = AdamWConfig {
-        weight_decay: settings.weight_decay,
-        ..AdamWConfig::default()
+
+    let method = SupervisedSteps {
+        model: &model,
+        vars: &vars,
+        train: &train,
+        valid: &valid,
+        batch_size: settings.batch_size,
+        pad: loaded.special.pad,
     };
-    let mut optimizer = AdamW::new(vars.iter().map(|(_, var)| var.clone()).collect(), optimizer_config)?;
-
-    let examples_per_step = settings.batch_size * settings.gradient_accumulation_steps;
-    let steps_per_epoch = train.len().div_ceil(examples_per_step) as u64;
-    let total_steps = steps_per_epoch * settings.n_epochs as u64;
-    let schedule = Schedule {
-        peak_lr: settings.learning_rate,
-        warmup_steps: (settings.warmup_ratio * total_steps as f64).ceil() as u64,
-        total_steps,
-        decay: settings.lr_scheduler,
+    let describe = |total_steps: u64, trainable: usize| {
+        format!(
+            "Training {} for {}: {}, {trainable} trainable parameters",
+            plural(train.len() as u64, "example"),
+            plural(settings.n_epochs as u64, "epoch"),
+            plural(total_steps, "step"),
+        )
     };
-    let checkpoint_steps = planned_checkpoints(total_steps, settings.checkpoint_interval, settings.n_checkpoints);
-    let trainable: usize = vars.iter().map(|(_, var)| var.elem_count()).sum();
-
-    let mut progress = Progress::default();
-    if let Some(dir) = job.resume_from {
-        let state = checkpoint::read_state(dir)?;
-        if state.total_steps != total_steps {
-            return Err(invalid(
-                &format!("checkpoint {} plans {} steps but this run plans {total_steps}; resume with the same data and settings", dir.display(), state.total_steps),
-                "checkpoint",
-            ));
-        }
-        checkpoint::restore(dir, weights_file(&job.approach), &vars, &mut optimizer, &state, &device)?;
-        rng = state.rng.clone();
-        progress = Progress::from_state(&state);
-        observer.on_event(EventLevel::Info, &format!("Resumed from the checkpoint at step {}", state.step));
-    } else {
-        observer.on_event(
-            EventLevel::Info,
-            &format!(
-                "Training {} for {}: {}, {trainable} trainable parameters",
-                plural(train.len() as u64, "example"),
-                plural(settings.n_epochs as u64, "epoch"),
-                plural(total_steps, "step"),
-            ),
-        );
-    }
-
-    let pad = loaded.special.pad;
-    // NOTE: `run_dpo` and `run_distillation` repeat this step loop (skipped steps, clipping, the
-    // schedule, checkpoints, stop requests). Until they share it, a fix here belongs there too.
-
-    // Stopping here needs no checkpoint: no step ran since the start or the resumed one.
-    if let Some(request) = observer.stop_request() {
-        observer.on_event(EventLevel::Info, &format!("Stopped before step {}", progress.step + 1));
-        return Ok(RunOutcome::Stopped { steps: progress.step, request });
-    }
-    while progress.epoch < settings.n_epochs {
-        if progress.position == 0 {
-            progress.order = (0..train.len()).collect();
-            rng.shuffle(&mut progress.order);
-        }
-        while progress.position < progress.order.len() {
-            let started = Instant::now();
-            let end = (progress.position + examples_per_step).min(progress.order.len());
-            let rows: Vec<&EncodedExample> = progress.order[progress.position..end].iter().map(|&i| &train[i]).collect();
-            progress.position = end;
-            progress.step += 1;
-            let step = progress.step;
-
-            let totals = accumulate_gradients(&model, &vars, &rows, settings.batch_size, &mut rng, pad, &device)?;
-            let norm = grad_norm(&totals.grads)?;
-            if !totals.loss.is_finite() || !norm.is_finite() {
-                progress.skipped_steps += 1;
-                progress.consecutive_skipped += 1;
-                observer.on_event(
-                    EventLevel::Warn,
-                    &format!("Skipped step {step}: loss {} and gradient norm {norm} are not both finite", totals.loss),
-                );
-                if progress.consecutive_skipped >= MAX_CONSECUTIVE_SKIPPED_STEPS {
-                    return Err(TrainError::NonFinite(format!(
-                        "{} steps in a row up to step {step} produced a non-finite loss or gradient; lower the learning rate",
-                        progress.consecutive_skipped
-                    )));
-                }
-                continue;
-            }
-            progress.consecutive_skipped = 0;
-
-            let grads = clip(totals.grads, norm, settings.max_grad_norm)?;
-            let learning_rate = schedule.learning_rate(step);
-            optimizer.step_with(&grads, learning_rate)?;
-            progress.trained_tokens += totals.n_tokens as u64;
-
-            let epoch_done = progress.position >= progress.order.len();
-            let mut metrics = StepMetrics {
-                step,
-                total_steps,
-                epoch: progress.epoch as f64 + progress.position as f64 / progress.order.len() as f64,
-                train_loss: totals.loss,
-                train_mean_token_accuracy: totals.n_correct as f64 / totals.n_targets.max(1) as f64,
-                valid_loss: None,
-                valid_mean_token_accuracy: None,
-                learning_rate,
-                grad_norm: norm,
-                tokens_per_second: totals.n_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
-                trained_tokens: progress.trained_tokens,
-            };
-            let eval_due = settings.eval_interval > 0 && step % settings.eval_interval == 0;
-            if !valid.is_empty() && (eval_due || epoch_done) {
-                let (loss, accuracy) = evaluate(&model, &valid, settings.batch_size, pad, &device)?;
-                metrics.valid_loss = Some(loss);
-                metrics.valid_mean_token_accuracy = Some(accuracy);
-            }
-            tracing::debug!(step, train_loss = metrics.train_loss, learning_rate, grad_norm = norm, "optimizer step");
-            observer.on_step(&metrics);
-
-            if epoch_done {
-                progress.epoch += 1;
-                progress.position = 0;
-            }
-            // Checked after the epoch bookkeeping above, so a checkpoint written here resumes
-            // exactly like a planned one.
-            let stop = observer.stop_request();
-            let suspend = stop == Some(StopRequest::Suspend) && !checkpoint_steps.contains(&step);
-            if let (Some(dir), true) = (job.checkpoint_dir, checkpoint_steps.contains(&step) || suspend) {
-                let state = progress.state(&rng, schedule, &vars, &job.approach, optimizer.step_count());
-                let path = write_checkpoint(dir, job, &model, &vars, &optimizer, &state)?;
-                observer.on_checkpoint(&CheckpointInfo { step, dir: path, metrics: metrics.clone() });
-            }
-            if let Some(request) = stop {
-                observer.on_event(EventLevel::Info, &format!("Stopped after step {step}"));
-                return Ok(RunOutcome::Stopped { steps: step, request });
-            }
-            if epoch_done {
-                break;
-            }
-        }
-        // A skipped last step of an epoch leaves the loop without the advance above.
-        if progress.position > 0 && progress.position >= progress.order.len() {
-            progress.epoch += 1;
-            progress.position = 0;
-        }
-    }
+    let steps = StepLoop {
+        job,
+        model: &model,
+        vars: &vars,
+        n_items: train.len(),
+        rng,
+    };
+    let progress = match steps.run(&method, observer, &describe)? {
+        LoopEnd::Finished(progress) => progress,
+        LoopEnd::Stopped(outcome) => return Ok(outcome),
+    };
 
     let metadata = FolderMetadata {
         tokenizer: &loaded.tokenizer,
@@ -422,52 +307,6 @@ pub fn run_sft(job: &SftJob<'_>, observer: &mut dyn TrainObserver) -> Result<Run
         skipped_steps: progress.skipped_steps,
         artifacts,
     }))
-}
-
-/// The loop's position, which a checkpoint stores besides tensors.
-#[derive(Default)]
-pub(crate) struct Progress {
-    pub(crate) step: u64,
-    pub(crate) epoch: usize,
-    pub(crate) position: usize,
-    pub(crate) order: Vec<usize>,
-    pub(crate) trained_tokens: u64,
-    pub(crate) skipped_steps: u64,
-    pub(crate) consecutive_skipped: u64,
-}
-
-impl Progress {
-    pub(crate) fn from_state(state: &TrainerState) -> Self {
-        Self {
-            step: state.step,
-            epoch: state.epoch,
-            position: state.position,
-            order: state.epoch_order.clone(),
-            trained_tokens: state.trained_tokens,
-            skipped_steps: state.skipped_steps,
-            consecutive_skipped: 0,
-        }
-    }
-
-    pub(crate) fn state(&self, rng: &Rng, schedule: Schedule, vars: &[(String, Var)], approach: &Approach, optimizer_steps: u64) -> TrainerState {
-        TrainerState {
-            step: self.step,
-            total_steps: schedule.total_steps,
-            epoch: self.epoch,
-            position: self.position,
-            epoch_order: if self.position == 0 { Vec::new() } else { self.order.clone() },
-            rng: rng.clone(),
-            schedule,
-            trained_tokens: self.trained_tokens,
-            skipped_steps: self.skipped_steps,
-            optimizer_steps,
-            parameters: vars.iter().map(|(name, _)| name.clone()).collect(),
-            approach: match approach {
-                Approach::Lora(_) => "lora".into(),
-                Approach::Full => "full".into(),
-            },
-        }
-    }
 }
 
 /// `1 step`, `2 steps`.
@@ -528,16 +367,35 @@ pub(crate) fn trainable_vars(model: &mut Llama, approach: &Approach, rng: &mut R
     }
 }
 
-/// Steps (1-based) after which a checkpoint is written.
-pub(crate) fn planned_checkpoints(total_steps: u64, interval: u64, count: u64) -> BTreeSet<u64> {
-    let mut steps = BTreeSet::new();
-    if interval > 0 {
-        steps.extend((1..=total_steps / interval).map(|k| k * interval));
+/// The supervised step: cross-entropy on the assistant tokens.
+struct SupervisedSteps<'a> {
+    model: &'a Llama,
+    vars: &'a [(String, Var)],
+    train: &'a [EncodedExample],
+    valid: &'a [EncodedExample],
+    batch_size: usize,
+    pad: u32,
+}
+
+impl StepMethod for SupervisedSteps<'_> {
+    fn gradients(&self, indices: &[usize], rng: &mut Rng) -> Result<StepGradients, TrainError> {
+        let rows: Vec<&EncodedExample> = indices.iter().map(|&i| &self.train[i]).collect();
+        let totals = accumulate_gradients(self.model, self.vars, &rows, self.batch_size, rng, self.pad, self.model.device())?;
+        Ok(StepGradients {
+            loss: totals.loss,
+            token_accuracy: totals.n_correct as f64 / totals.n_targets.max(1) as f64,
+            n_tokens: totals.n_tokens,
+            grads: totals.grads,
+            preference: None,
+        })
     }
-    for k in 1..=count.min(total_steps) {
-        steps.insert((total_steps * k).div_ceil(count));
+
+    fn evaluate(&self) -> Result<Option<(f64, f64)>, TrainError> {
+        if self.valid.is_empty() {
+            return Ok(None);
+        }
+        evaluate(self.model, self.valid, self.batch_size, self.pad, self.model.device()).map(Some)
     }
-    steps
 }
 
 struct StepTotals {
@@ -602,16 +460,6 @@ fn accumulate_gradients(
         })
         .collect::<Result<_, _>>()?;
     Ok(totals)
-}
-
-/// Scales gradients so their global norm is at most `max_norm`, as
-/// `torch.nn.utils.clip_grad_norm_` does (including its 1e-6 guard).
-pub(crate) fn clip(grads: Vec<Tensor>, norm: f64, max_norm: f64) -> Result<Vec<Tensor>, TrainError> {
-    if max_norm <= 0.0 || norm <= max_norm {
-        return Ok(grads);
-    }
-    let factor = max_norm / (norm + 1e-6);
-    Ok(grads.into_iter().map(|g| g * factor).collect::<candle_core::Result<_>>()?)
 }
 
 /// Mean loss and token accuracy over every target token of `examples`, without dropout.
