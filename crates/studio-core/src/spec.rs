@@ -605,6 +605,13 @@ fn method(body: &Map<String, Value>, default_lr: f64) -> Result<Method, SpecErro
             ))
         }
     };
+    // OpenAI's legacy top-level hyperparameters describe a supervised job only.
+    if legacy.is_some() && matches!(method_type, "dpo" | "distillation") {
+        return Err(SpecError::invalid(
+            "hyperparameters",
+            format!("top-level 'hyperparameters' apply to supervised jobs only; move them to method.{method_type}.hyperparameters"),
+        ));
+    }
     match method_type {
         "supervised" => {}
         "dpo" => return dpo_method(method, default_lr),
@@ -1208,6 +1215,21 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.param.as_deref(), Some("hyperparameters.learning_rate"));
         assert!(err.message.contains("not both"), "{}", err.message);
+    }
+
+    #[test]
+    fn top_level_hyperparameters_rejected_for_dpo_and_distillation() {
+        let methods = [
+            json!({"type": "dpo"}),
+            json!({"type": "distillation", "distillation": {"teacher_model": "teacher"}}),
+        ];
+        for method in methods {
+            let method_type = method["type"].as_str().unwrap().to_owned();
+            let body = with(with(minimal(), "method", method), "hyperparameters", json!({"n_epochs": 2}));
+            let err = parse(body).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some("hyperparameters"), "{method_type}");
+            assert!(err.message.contains(&format!("method.{method_type}.hyperparameters")), "{}", err.message);
+        }
     }
 
     #[test]
