@@ -6,6 +6,7 @@
 //! factor keeps the gradient of the distillation term at the same scale for every `T`.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var, D};
@@ -275,14 +276,15 @@ fn student_logits(
 
 /// Has the teacher write the assistant reply to each prompt (a conversation ending with a user
 /// turn), so a prompts-only file becomes a supervised one. `on_progress` receives the number of
-/// replies written so far after each one.
+/// replies written so far after each one. When it returns `ControlFlow::Break`, the function
+/// stops there and returns `None`.
 pub fn teacher_replies(
     teacher_path: &Path,
     teacher_adapter: Option<&Path>,
     prompts: &[Conversation],
     params: &SamplingParams,
-    on_progress: &mut dyn FnMut(usize),
-) -> Result<Vec<Conversation>, TrainError> {
+    on_progress: &mut dyn FnMut(usize) -> ControlFlow<()>,
+) -> Result<Option<Vec<Conversation>>, TrainError> {
     params.validate()?;
     let teacher = ChatModel::load(teacher_path, teacher_adapter, &Device::Cpu)?;
     let mut conversations = Vec::with_capacity(prompts.len());
@@ -295,9 +297,11 @@ pub fn teacher_replies(
             weight: None,
         });
         conversations.push(Conversation { messages });
-        on_progress(conversations.len());
+        if on_progress(conversations.len()).is_break() {
+            return Ok(None);
+        }
     }
-    Ok(conversations)
+    Ok(Some(conversations))
 }
 
 /// The request path of a distillation job's hyperparameters, which errors name as the field to fix.

@@ -1,5 +1,6 @@
 //! Runs one claimed job from start to its final state.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -102,8 +103,9 @@ impl JobRun<'_> {
             root: self.settings.scratch_dir.join(self.job.id.as_str()),
         };
 
-        let ended = match self.prepare(&scratch).await {
-            Ok(prepared) => self.train(prepared, &scratch, flags.clone()).await,
+        let ended = match self.prepare(&scratch, &flags).await {
+            Ok(Some(prepared)) => self.train(prepared, &scratch, flags.clone()).await,
+            Ok(None) => Ended::Stopped,
             Err(error) => Ended::Failed(error),
         };
         heartbeat.abort();
@@ -112,10 +114,12 @@ impl JobRun<'_> {
         result
     }
 
-    async fn prepare(&self, scratch: &Scratch) -> Result<Prepared, JobError> {
+    /// Loads what the run needs. Returns `None` when a stop request arrives while a teacher
+    /// writes replies, before any training step.
+    async fn prepare(&self, scratch: &Scratch, flags: &Arc<StopFlags>) -> Result<Option<Prepared>, JobError> {
         let spec = &self.job.spec;
         if spec.dpo_beta().is_some() {
-            return self.prepare_dpo(scratch).await;
+            return self.prepare_dpo(scratch).await.map(Some);
         }
         let examples = self.read_dataset(&spec.training_file, "training").await?;
         let validation = match &spec.validation_file {
@@ -145,10 +149,13 @@ impl JobRun<'_> {
         // Only the training file gets teacher replies: the API rejects a prompts-only
         // validation file.
         let examples = match &teacher {
-            Some(teacher) if is_prompts_only(&examples) => self.write_teacher_replies(teacher, examples).await?,
+            Some(teacher) if is_prompts_only(&examples) => match self.write_teacher_replies(teacher, examples, flags).await? {
+                Some(examples) => examples,
+                None => return Ok(None),
+            },
             _ => examples,
         };
-        Ok(Prepared {
+        Ok(Some(Prepared {
             examples,
             validation,
             pairs: Vec::new(),
@@ -156,22 +163,33 @@ impl JobRun<'_> {
             model_path: model.path,
             resume_from,
             teacher,
-        })
+        }))
     }
 
     /// Has the teacher answer a prompts-only training file, greedily, and stores the result as a
     /// new fine-tune file whose id an event names, so the user can fetch it.
-    async fn write_teacher_replies(&self, teacher: &Teacher, prompts: Vec<Conversation>) -> Result<Vec<Conversation>, JobError> {
+    /// Returns `None` when a stop request arrives first. The replies written until then are
+    /// dropped, so a resumed job has the teacher start over.
+    async fn write_teacher_replies(
+        &self,
+        teacher: &Teacher,
+        prompts: Vec<Conversation>,
+        flags: &Arc<StopFlags>,
+    ) -> Result<Option<Vec<Conversation>>, JobError> {
         let spec = &self.job.spec;
         self.event(EventLevel::Info, format!("The teacher is writing replies to {} prompts", prompts.len())).await;
         let params = teacher_reply_params(spec);
         let (path, adapter) = (teacher.path.clone(), teacher.adapter.clone());
         let job_id = self.job.id.clone();
-        // NOTE: a cancel or pause takes effect only once every reply is written.
+        let flags = flags.clone();
         let conversations = tokio::task::spawn_blocking(move || {
             let mut progress = |done: usize| {
-                if done % 25 == 0 {
+                if done.is_multiple_of(25) {
                     tracing::info!(job_id = %job_id, done, "teacher replies written");
+                }
+                match flags.request() {
+                    Some(_) => ControlFlow::Break(()),
+                    None => ControlFlow::Continue(()),
                 }
             };
             teacher_replies(&path, adapter.as_deref(), &prompts, &params, &mut progress)
@@ -179,6 +197,10 @@ impl JobRun<'_> {
         .await
         .map_err(|err| internal_error(format!("the teacher stopped unexpectedly: {err}")))?
         .map_err(|err| train_error(&err))?;
+        let Some(conversations) = conversations else {
+            self.event(EventLevel::Info, "The teacher stopped before writing every reply, and its replies are not kept".into()).await;
+            return Ok(None);
+        };
 
         let mut bytes = Vec::new();
         for conversation in &conversations {
@@ -212,7 +234,7 @@ impl JobRun<'_> {
             format!("The teacher's replies are in file {file}; fetch them from /v1/files/{file}/content"),
         )
         .await;
-        Ok(conversations)
+        Ok(Some(conversations))
     }
 
     /// Finds a distillation teacher: an installed base model, or a succeeded job whose adapter

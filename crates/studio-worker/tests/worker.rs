@@ -1187,6 +1187,66 @@ async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
     assert_eq!(record_file.bytes, content.len() as u64);
 }
 
+#[sqlx::test(migrations = "../../migrations")]
+async fn cancel_stops_the_teacher_replies(pool: PgPool) {
+    let setup = setup(pool).await;
+    let models = setup.services.models.dir().to_path_buf();
+    studio_train::tiny::write_tiny_model_folder(&models.join("tiny-hf"), "llama", 3).unwrap();
+    // Enough prompts that the teacher is still writing when the cancel arrives.
+    let prompts: String = (0..2000).map(|i| format!("{{\"prompt\": \"Count to {i}\"}}\n")).collect();
+    let file = FileId::new();
+    setup.services.artifacts.put_bytes(&file_key(&file), prompts.as_bytes()).await.unwrap();
+    let new_file = NewFile {
+        id: file.clone(),
+        filename: "prompts.jsonl".into(),
+        purpose: "fine-tune".into(),
+        bytes: prompts.len() as u64,
+        sha256: "0".repeat(64),
+        format: DatasetFormat::Prompts,
+        line_count: 2000,
+    };
+    setup.services.store.insert_file(&new_file).await.unwrap();
+    let body = json!({
+        "model": "tiny-hf", "training_file": file.as_str(), "training_type": {"type": "full"},
+        "method": {"type": "distillation", "distillation": {"teacher_model": "tiny-hf",
+            "hyperparameters": {"max_seq_len": 64}}},
+    });
+    let job = NewJob { id: JobId::new(), spec: JobSpec::parse(&body, 5).unwrap(), max_attempts: 3, idempotency_key: None, request_hash: None };
+    setup.services.store.insert_job(&job).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let worker = Worker::new(setup.services.clone(), setup.settings.clone(), Arc::new(ExamplesTrainer { seen: seen.clone() }));
+    let store = setup.services.store.clone();
+    let job_id = job.id.clone();
+    let canceller = tokio::spawn(async move {
+        let started = Instant::now();
+        loop {
+            let events = store.list_events(&job_id, &PageRequest::first(100)).await.unwrap();
+            if events.data.iter().any(|event| event.message.starts_with("The teacher is writing replies")) {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "the teacher never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        store.request_cancel(&job_id).await.unwrap();
+    });
+
+    worker.run_next_job(not_stopped()).await.unwrap();
+    canceller.await.unwrap();
+    let record = setup.services.store.get_job(&job.id).await.unwrap();
+    let events = setup.event_messages(&job.id).await;
+
+    assert_eq!(record.status, JobStatus::Cancelled);
+    assert!(seen.lock().unwrap().is_empty(), "the student trained after the cancel");
+    assert!(
+        !events.iter().any(|message| message.starts_with("The teacher's replies are in file")),
+        "the replies were stored after the cancel: {events:?}"
+    );
+    assert!(
+        events.iter().any(|message| message.starts_with("The teacher stopped before writing every reply")),
+        "{events:?}"
+    );
+}
+
 /// Two preference pairs in the `{prompt, chosen, rejected}` format.
 const PREFERENCES: &str = concat!(
     r#"{"prompt":"Hi","chosen":"Hello!","rejected":"Go away."}"#,

@@ -1,6 +1,7 @@
 //! Distillation: the loss against a direct computation, the checks made before training, and a
 //! real run that brings a 10-layer student of SmolLM2 closer to the full model.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -477,11 +478,17 @@ fn distill_teacher_replies_end_each_prompt() {
     let prompts = [prompt("Hello"), prompt("Name a colour")];
     let params = SamplingParams { max_new_tokens: 5, ..SamplingParams::default() };
     let mut progress = Vec::new();
-    let replies = teacher_replies(&dir, None, &prompts, &params, &mut |done| progress.push(done)).unwrap();
-    let again = teacher_replies(&dir, None, &prompts, &params, &mut |_| {}).unwrap();
+    let mut record = |done| {
+        progress.push(done);
+        ControlFlow::Continue(())
+    };
+    let replies = teacher_replies(&dir, None, &prompts, &params, &mut record).unwrap().unwrap();
+    let again = teacher_replies(&dir, None, &prompts, &params, &mut |_| ControlFlow::Continue(())).unwrap();
+    let stopped = teacher_replies(&dir, None, &prompts, &params, &mut |_| ControlFlow::Break(())).unwrap();
 
     assert_eq!(progress, [1, 2]);
-    assert_eq!(replies, again, "greedy replies are deterministic");
+    assert_eq!(again.as_ref(), Some(&replies), "greedy replies are deterministic");
+    assert_eq!(stopped, None, "a break after the first reply stops the teacher");
     for (reply, prompt) in replies.iter().zip(&prompts) {
         assert_eq!(reply.messages.len(), 2);
         assert_eq!(reply.messages[0], prompt.messages[0]);

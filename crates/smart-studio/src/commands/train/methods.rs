@@ -1,6 +1,7 @@
 //! One function per training method: read the data, build the trainer's job as the worker
 //! builds it, and run it with a progress observer.
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use anyhow::Context;
@@ -153,10 +154,11 @@ fn write_teacher_replies(
         if bar.is_hidden() && (done.is_multiple_of(25) || done == prompts.len()) {
             println!("teacher replies {done}/{}", prompts.len());
         }
+        ControlFlow::Continue(())
     };
     let conversations = teacher_replies(teacher_path, None, prompts, &params, &mut on_progress);
     bar.finish_and_clear();
-    let conversations = conversations?;
+    let conversations = conversations?.expect("the progress callback never stops the teacher");
 
     let path = output.join(TEACHER_REPLIES_FILE);
     write_conversations(&path, &conversations)?;
