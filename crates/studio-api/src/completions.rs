@@ -443,7 +443,8 @@ fn fit_context(model: &ChatModel, mut completion: Completion) -> Result<Completi
     if !completion.max_tokens_set {
         params.max_new_tokens = params.max_new_tokens.min(context_length - prompt.len());
     }
-    if prompt.len() + params.max_new_tokens > context_length {
+    // A max_tokens near u64::MAX overflows a plain sum, so the sum saturates.
+    if prompt.len().saturating_add(params.max_new_tokens) > context_length {
         return Err(invalid(
             format!(
                 "the messages take {} tokens, so max_tokens {} exceeds the model's context of {context_length}; use at most {}",

@@ -200,6 +200,18 @@ async fn chat_completion_rejects_bad_requests(pool: PgPool) {
             "context",
         ),
         (
+            json!({"model": "tiny-chat", "messages": hello(), "max_tokens": u64::MAX}),
+            StatusCode::BAD_REQUEST,
+            "max_tokens",
+            "context",
+        ),
+        (
+            json!({"model": "tiny-chat", "messages": hello(), "max_completion_tokens": u64::MAX, "stream": true}),
+            StatusCode::BAD_REQUEST,
+            "max_tokens",
+            "context",
+        ),
+        (
             json!({"model": "tiny-chat", "messages": hello(), "n": 2}),
             StatusCode::BAD_REQUEST,
             "n",
