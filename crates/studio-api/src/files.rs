@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::extract::multipart::Field;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Query, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -17,6 +17,7 @@ use studio_store::{ArtifactWriter, FileRecord, NewFile, Services};
 
 use crate::error::{parse_path_id, ApiError};
 use crate::extract::IdPath;
+use crate::idempotency::{idempotency_key, IDEMPOTENT_REPLAYED};
 use crate::pagination::{list_object, ListQuery};
 
 /// The maximum upload size, in bytes.
@@ -92,11 +93,15 @@ async fn file_content(
 }
 
 /// Streams the upload into a temporary artifact while validating it line by line, and only
-/// registers the file once the whole upload is valid. A bad upload leaves nothing behind.
+/// registers the file once the whole upload is valid. A bad upload leaves nothing behind. A
+/// repeat with the first upload's `Idempotency-Key` and the same content, filename and purpose
+/// returns the first file.
 async fn upload_file(
     State(services): State<Services>,
+    headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
     let mut multipart = multipart?;
     let id = FileId::new();
     let mut purpose = None;
@@ -132,17 +137,26 @@ async fn upload_file(
         sha256: upload.sha256,
         format: upload.summary.format,
         line_count: upload.summary.line_count as u64,
+        idempotency_key: key,
     };
     let record = match services.store.insert_file(&new_file).await {
         Ok(record) => record,
         Err(err) => {
-            // The content is committed but unregistered; remove it so no orphan remains.
+            // The content is committed but unregistered, so remove it to leave no orphan.
             let _ = services.artifacts.delete(&file_key(&id)).await;
             return Err(err.into());
         }
     };
+    if record.id != id {
+        // A repeat of an earlier upload: the earlier file stays, and this copy goes.
+        let _ = services.artifacts.delete(&file_key(&id)).await;
+        tracing::info!(file_id = %record.id, "file upload replayed for its Idempotency-Key");
+        let mut response = Json(file_object(&record)).into_response();
+        response.headers_mut().insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        return Ok(response);
+    }
     tracing::info!(file_id = %record.id, bytes, lines = record.line_count, unknown_keys = upload.summary.unknown_keys, "file uploaded");
-    Ok(Json(file_object(&record)))
+    Ok(Json(file_object(&record)).into_response())
 }
 
 /// Keeps the last path segment of a client's filename, without control characters and at

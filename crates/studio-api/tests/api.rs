@@ -104,22 +104,27 @@ impl TestApp {
     }
 
     async fn upload(&self, filename: &str, purpose: &str, content: &str) -> TestResponse {
+        self.upload_with_key(filename, purpose, content, None).await
+    }
+
+    async fn upload_with_key(&self, filename: &str, purpose: &str, content: &str, key: Option<&str>) -> TestResponse {
         let boundary = "studio-test-boundary";
         let body = format!(
             "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
              --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\
              Content-Type: application/jsonl\r\n\r\n{content}\r\n--{boundary}--\r\n"
         );
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::POST)
             .uri("/v1/files")
             .header(
                 header::CONTENT_TYPE,
                 format!("multipart/form-data; boundary={boundary}"),
-            )
-            .body(Body::from(body))
-            .unwrap();
-        self.send(request).await
+            );
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        self.send(request.body(Body::from(body)).unwrap()).await
     }
 
     async fn uploaded_file_id(&self) -> String {

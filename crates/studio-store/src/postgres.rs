@@ -18,8 +18,8 @@ use crate::records::{
     PauseOutcome, RescuedJob,
 };
 use crate::rows::{
-    corrupt, idempotency_mismatch, into_page, job_id, not_pausable, not_resumable, status, to_i64,
-    to_u64,
+    corrupt, file_idempotency_mismatch, idempotency_mismatch, into_page, job_id, not_pausable, not_resumable,
+    same_upload, status, to_i64, to_u64,
 };
 use crate::event_bus::EventSubscription;
 use crate::pg_listener::{PgEventListener, EVENTS_CHANNEL};
@@ -137,8 +137,9 @@ const EVENT_LOCK_CLASS: i32 = 0x4556_4E54;
 impl Store for PgStore {
     async fn insert_file(&self, file: &NewFile) -> Result<FileRecord, StoreError> {
         let sql = format!(
-            "INSERT INTO files (id, created_at, filename, purpose, bytes, sha256, format, line_count)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            "INSERT INTO files (id, created_at, filename, purpose, bytes, sha256, format, line_count, idempotency_key)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (idempotency_key) DO NOTHING
              RETURNING {FILE_COLUMNS}"
         );
         let row = sqlx::query(&sql)
@@ -150,9 +151,20 @@ impl Store for PgStore {
             .bind(&file.sha256)
             .bind(file.format.as_str())
             .bind(to_i64(file.line_count))
-            .fetch_one(&self.pool)
+            .bind(file.idempotency_key.as_deref())
+            .fetch_optional(&self.pool)
             .await?;
-        file_from_row(&row)
+        if let Some(row) = row {
+            return file_from_row(&row);
+        }
+        // Only a stored idempotency key makes the insert do nothing.
+        let key = file.idempotency_key.as_deref().unwrap_or_default();
+        let sql = format!("SELECT {FILE_COLUMNS} FROM files WHERE idempotency_key = $1");
+        let existing = file_from_row(&sqlx::query(&sql).bind(key).fetch_one(&self.pool).await?)?;
+        if !same_upload(&existing, file) {
+            return Err(file_idempotency_mismatch(key, &existing.id));
+        }
+        Ok(existing)
     }
 
     async fn get_file(&self, id: &FileId) -> Result<FileRecord, StoreError> {

@@ -16,6 +16,9 @@ pub struct NewFile {
     pub sha256: String,
     pub format: DatasetFormat,
     pub line_count: u64,
+    /// The client's `Idempotency-Key`. A second insert with the key returns the first file when
+    /// its `sha256`, `filename` and `purpose` match, and fails with a conflict otherwise.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

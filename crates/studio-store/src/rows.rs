@@ -1,8 +1,8 @@
 //! Conversions between domain values and column values that both backends share.
 
-use studio_core::{JobId, JobStatus};
+use studio_core::{FileId, JobId, JobStatus};
 
-use crate::records::{JobRecord, Page};
+use crate::records::{FileRecord, JobRecord, NewFile, Page};
 use crate::StoreError;
 
 /// Splits the `limit + 1` rows of a page query into the page and `has_more`.
@@ -44,6 +44,19 @@ pub(crate) fn idempotency_mismatch(key: &str, existing: &JobId) -> StoreError {
         "Idempotency-Key {key:?} was already used to create fine-tuning job {existing} with a \
          different request body; repeat that request unchanged, or send a new key for a new job"
     ))
+}
+
+/// Builds the error for an upload whose `Idempotency-Key` created a different file.
+pub(crate) fn file_idempotency_mismatch(key: &str, existing: &FileId) -> StoreError {
+    StoreError::Conflict(format!(
+        "Idempotency-Key {key:?} was already used to upload file {existing} with different content, \
+         filename or purpose; repeat that upload unchanged, or send a new key for a new file"
+    ))
+}
+
+/// Returns whether `file` is the upload that `existing` stores.
+pub(crate) fn same_upload(existing: &FileRecord, file: &NewFile) -> bool {
+    existing.sha256 == file.sha256 && existing.filename == file.filename && existing.purpose == file.purpose
 }
 
 /// Builds the error for a pause request on a job that cannot be paused.

@@ -221,6 +221,7 @@ impl JobRun<'_> {
             sha256: format!("{:x}", Sha256::digest(&bytes)),
             format: DatasetFormat::Chat,
             line_count: conversations.len() as u64,
+            idempotency_key: None,
         };
         let stored = async {
             self.services.artifacts.put_bytes(&file_key(&file), &bytes).await?;

@@ -317,6 +317,7 @@ impl Setup {
             sha256: "0".repeat(64),
             format: DatasetFormat::Chat,
             line_count: 2,
+            idempotency_key: None,
         };
         self.services.store.insert_file(&new_file).await.unwrap();
         file
@@ -1150,6 +1151,7 @@ async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
         sha256: "0".repeat(64),
         format: DatasetFormat::Prompts,
         line_count: 2,
+        idempotency_key: None,
     };
     setup.services.store.insert_file(&new_file).await.unwrap();
     let body = json!({
@@ -1204,6 +1206,7 @@ async fn cancel_stops_the_teacher_replies(pool: PgPool) {
         sha256: "0".repeat(64),
         format: DatasetFormat::Prompts,
         line_count: 2000,
+        idempotency_key: None,
     };
     setup.services.store.insert_file(&new_file).await.unwrap();
     let body = json!({
@@ -1311,6 +1314,7 @@ async fn dpo_job_runs_the_dpo_trainer_and_stores_rewards(pool: PgPool) {
             sha256: "0".repeat(64),
             format: DatasetFormat::Preference,
             line_count: text.lines().count() as u64,
+            idempotency_key: None,
         };
         setup.services.store.insert_file(&new_file).await.unwrap();
         files.push(file);

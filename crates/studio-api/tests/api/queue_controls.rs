@@ -1,5 +1,5 @@
-//! Pause and resume routes, the `Idempotency-Key` header on job creation, and the 503 with
-//! `Retry-After` that a request gets while the database cannot be reached.
+//! Pause and resume routes, the `Idempotency-Key` header on job creation and file upload, and
+//! the 503 with `Retry-After` that a request gets while the database cannot be reached.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -230,6 +230,30 @@ async fn idempotency_key_replays_first_job(pool: PgPool) {
         "a replay must not record a second creation event: {}",
         events.json()
     );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn idempotency_key_replays_first_upload(pool: PgPool) {
+    let app = test_app(pool);
+    let content = format!("{}\n", super::CHAT_LINE);
+
+    let first = app.upload_with_key("train.jsonl", "fine-tune", &content, Some("upload-1")).await;
+    let repeat = app.upload_with_key("train.jsonl", "fine-tune", &content, Some("upload-1")).await;
+    let changed = app
+        .upload_with_key("train.jsonl", "fine-tune", &format!("{content}{content}"), Some("upload-1"))
+        .await;
+    let files = app.get("/v1/files").await;
+    let stored = app.services.artifacts.list("files").await.unwrap();
+
+    assert_eq!(first.status, StatusCode::OK, "{}", String::from_utf8_lossy(&first.body));
+    assert_eq!(first.headers.get("idempotent-replayed"), None);
+    assert_eq!(repeat.status, StatusCode::OK);
+    assert_eq!(repeat.json(), first.json());
+    assert_eq!(repeat.headers["idempotent-replayed"], "true");
+    let id = first.json()["id"].as_str().unwrap().to_owned();
+    assert_error(&changed, StatusCode::BAD_REQUEST, "conflict", &["upload-1", &id, "different content"]);
+    assert_eq!(files.json()["data"].as_array().unwrap().len(), 1, "{}", files.json());
+    assert_eq!(stored.len(), 1, "the repeated and the rejected uploads leave no content behind: {stored:?}");
 }
 
 #[sqlx::test(migrations = "../../migrations")]

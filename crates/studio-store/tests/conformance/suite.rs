@@ -72,6 +72,9 @@ macro_rules! conformance_cases {
             checkpoint_of_other_job_is_not_found,
             files_page_and_get,
             duplicate_file_id_is_conflict,
+            idempotent_file_insert_returns_first_file,
+            idempotent_file_insert_with_other_content_conflicts,
+            concurrent_idempotent_file_inserts_store_one_file,
             job_with_unknown_file_is_conflict,
             rescued_job_waits_for_backoff,
             backoff_lets_later_job_be_claimed,
@@ -145,6 +148,7 @@ fn new_file(id: &FileId) -> NewFile {
         sha256: "0".repeat(64),
         format: DatasetFormat::Chat,
         line_count: 1,
+        idempotency_key: None,
     }
 }
 
@@ -997,6 +1001,71 @@ pub async fn duplicate_file_id_is_conflict(f: &Fixture) {
     let err = f.store.insert_file(&new_file(&f.file)).await.unwrap_err();
 
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+}
+
+/// Builds an upload of new content `sha256` with the idempotency key `key`.
+fn keyed_file(key: &str, sha256: &str) -> NewFile {
+    NewFile {
+        sha256: sha256.into(),
+        idempotency_key: Some(key.into()),
+        ..new_file(&FileId::new())
+    }
+}
+
+pub async fn idempotent_file_insert_returns_first_file(f: &Fixture) {
+    let first_upload = keyed_file("upload-1", &"a".repeat(64));
+    let repeat = keyed_file("upload-1", &"a".repeat(64));
+
+    let first = f.store.insert_file(&first_upload).await.unwrap();
+    f.clock.advance(TimeDelta::seconds(1));
+    let again = f.store.insert_file(&repeat).await.unwrap();
+    let missing = f.store.get_file(&repeat.id).await.unwrap_err();
+    let files = f.store.list_files(&PageRequest::first(10)).await.unwrap();
+
+    assert_eq!(first.id, first_upload.id);
+    assert_eq!(again, first);
+    assert!(matches!(missing, StoreError::NotFound { .. }), "{missing:?}");
+    // The fixture's file and the keyed one.
+    assert_eq!(files.data.len(), 2);
+}
+
+pub async fn idempotent_file_insert_with_other_content_conflicts(f: &Fixture) {
+    let first = f.store.insert_file(&keyed_file("upload-2", &"a".repeat(64))).await.unwrap();
+    let renamed = NewFile {
+        filename: "other.jsonl".into(),
+        ..keyed_file("upload-2", &"a".repeat(64))
+    };
+
+    let other_content = f.store.insert_file(&keyed_file("upload-2", &"b".repeat(64))).await.unwrap_err();
+    let other_name = f.store.insert_file(&renamed).await.unwrap_err();
+    let files = f.store.list_files(&PageRequest::first(10)).await.unwrap();
+
+    for err in [&other_content, &other_name] {
+        let StoreError::Conflict(message) = err else {
+            panic!("expected a conflict, got {err:?}");
+        };
+        assert!(message.contains("upload-2"), "{message}");
+        assert!(message.contains(first.id.as_str()), "{message}");
+    }
+    assert_eq!(files.data.len(), 2);
+}
+
+pub async fn concurrent_idempotent_file_inserts_store_one_file(f: &Fixture) {
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let store = f.store.clone();
+        let file = keyed_file("upload-race", &"c".repeat(64));
+        tasks.push(tokio::spawn(async move { store.insert_file(&file).await }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.unwrap().unwrap().id);
+    }
+    let files = f.store.list_files(&PageRequest::first(20)).await.unwrap();
+
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "every upload returns the one stored file");
+    assert_eq!(files.data.len(), 2);
 }
 
 pub async fn job_with_unknown_file_is_conflict(f: &Fixture) {
