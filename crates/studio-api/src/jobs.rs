@@ -79,9 +79,12 @@ async fn create_job(
     // after its base model was removed from the models folder gets a 400, not that job.
     let spec = JobSpec::parse(&body, random_seed())?;
 
-    services.models.resolve(&spec.model)?;
+    let model = services.models.resolve(&spec.model)?;
     if let Some(distillation) = spec.distillation() {
         check_teacher(&services, &distillation.teacher_model).await?;
+        if let Some(layers) = &distillation.student_layers {
+            check_student_layers(model.path, layers).await?;
+        }
     }
     let training = check_file(&services, &spec.training_file, "training_file").await?;
     check_file_format(&spec, &training, FileRole::Training)?;
@@ -136,6 +139,32 @@ async fn check_teacher(services: &Services, teacher: &str) -> Result<(), ApiErro
         Some("method.distillation.teacher_model"),
         "model_not_found",
     ))
+}
+
+/// Checks `student_layers` against the layer count in the model's config, so a bad index is a
+/// 400 now and not a failure after the teacher has answered every prompt. A config that cannot
+/// be read is left to the worker, whose load error names the problem.
+async fn check_student_layers(model_path: std::path::PathBuf, layers: &[u32]) -> Result<(), ApiError> {
+    let layers: Vec<usize> = layers.iter().map(|&layer| layer as usize).collect();
+    let path = model_path.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let config = studio_train::loader::read_config(&path)?;
+        studio_train::distill::check_student_layers(&layers, config.num_hidden_layers)
+    })
+    .await
+    .map_err(|err| ApiError::internal(format!("the student_layers check task failed: {err}")))?;
+    match checked {
+        Err(studio_train::TrainError::InvalidData { message, param }) => Err(ApiError::invalid(
+            format!("{message}; list layer indices of the job's model"),
+            param.as_deref(),
+            "invalid_value",
+        )),
+        Err(err) => {
+            tracing::warn!(model_path = %model_path.display(), error = %err, "cannot read the model config to check student_layers; the worker checks them");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
 }
 
 pub fn parse_json_body(body: &[u8]) -> Result<Value, ApiError> {

@@ -55,7 +55,29 @@ pub struct DistillJob<'a> {
 /// Keeps decoder layers `layers` of a loaded model, renumbered from 0, with its embeddings,
 /// final norm and head, so the result is a smaller model of the same family.
 pub fn select_layers(loaded: &mut LoadedModel, layers: &[usize]) -> Result<(), TrainError> {
-    let count = loaded.config.num_hidden_layers;
+    check_student_layers(layers, loaded.config.num_hidden_layers)?;
+
+    let mut weights = HashMap::with_capacity(loaded.weights.len());
+    for (name, tensor) in loaded.weights.drain() {
+        match layer_of(&name) {
+            None => {
+                weights.insert(name, tensor);
+            }
+            Some((source, rest)) => {
+                if let Some(target) = layers.iter().position(|&layer| layer == source) {
+                    weights.insert(format!("model.layers.{target}.{rest}"), tensor);
+                }
+            }
+        }
+    }
+    loaded.weights = weights;
+    loaded.config.num_hidden_layers = layers.len();
+    Ok(())
+}
+
+/// Checks that `layers` is a non-empty, strictly increasing list of indices below `count`, the
+/// number of decoder layers of the model that the student is built from.
+pub fn check_student_layers(layers: &[usize], count: usize) -> Result<(), TrainError> {
     let param = "method.distillation.student_layers";
     if layers.is_empty() {
         return Err(invalid(
@@ -84,21 +106,6 @@ pub fn select_layers(loaded: &mut LoadedModel, layers: &[usize]) -> Result<(), T
         ));
     }
 
-    let mut weights = HashMap::with_capacity(loaded.weights.len());
-    for (name, tensor) in loaded.weights.drain() {
-        match layer_of(&name) {
-            None => {
-                weights.insert(name, tensor);
-            }
-            Some((source, rest)) => {
-                if let Some(target) = layers.iter().position(|&layer| layer == source) {
-                    weights.insert(format!("model.layers.{target}.{rest}"), tensor);
-                }
-            }
-        }
-    }
-    loaded.weights = weights;
-    loaded.config.num_hidden_layers = layers.len();
     Ok(())
 }
 

@@ -64,6 +64,21 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, TrainError> {
     })
 }
 
+/// Reads the config from the file's metadata and tensor list without loading any tensor.
+pub fn read_config_only(path: &Path) -> Result<LlamaConfig, TrainError> {
+    let load_error = |message: String| TrainError::ModelLoad {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut reader = BufReader::new(File::open(path).map_err(|err| load_error(err.to_string()))?);
+    let content = Content::read(&mut reader).map_err(|err| load_error(err.to_string()))?;
+    let config = read_config(&Metadata(&content.metadata)).map_err(load_error)?;
+    Ok(LlamaConfig {
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        ..config
+    })
+}
+
 /// Undoes llama.cpp's converter, which reorders the rows of each head of `q_proj` and `k_proj`
 /// from halves (Hugging Face's rotary layout) to interleaved pairs. The converter reshapes to
 /// `[n_head, 2, head_dim / 2, in]` and swaps axes 1 and 2; this applies the inverse.

@@ -48,6 +48,17 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel, TrainError> {
     })
 }
 
+/// Reads `config.json` alone. `tie_word_embeddings` is the file's flag, so it is false for a
+/// folder that sets no flag but lacks `lm_head.weight`, where [`load`] sets it to true.
+pub fn read_config_only(dir: &Path) -> Result<LlamaConfig, TrainError> {
+    let load_error = |message: String| TrainError::ModelLoad {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let config_json = read_json(&dir.join(CONFIG)).map_err(load_error)?;
+    parse_config(&config_json).map_err(load_error)
+}
+
 fn read_json(path: &Path) -> Result<Value, String> {
     let text = fs::read_to_string(path).map_err(|err| format!("{}: {err}", path.display()))?;
     serde_json::from_str(&text).map_err(|err| format!("{}: invalid JSON: {err}", path.display()))

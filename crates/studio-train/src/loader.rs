@@ -37,6 +37,23 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, TrainErro
     if path.is_dir() && path.join(crate::hf::CONFIG).is_file() {
         return crate::hf::load(path, device);
     }
+    Err(not_a_model(path))
+}
+
+/// Reads the config of the model that [`load_model`] would load, without loading its weights,
+/// so a request can be checked against the model's shape before any training starts.
+pub fn read_config(path: &Path) -> Result<LlamaConfig, TrainError> {
+    let is_gguf = path.extension().is_some_and(|ext| ext == "gguf");
+    if path.is_file() && is_gguf {
+        return crate::gguf::read_config_only(path);
+    }
+    if path.is_dir() && path.join(crate::hf::CONFIG).is_file() {
+        return crate::hf::read_config_only(path);
+    }
+    Err(not_a_model(path))
+}
+
+fn not_a_model(path: &Path) -> TrainError {
     let message = if path.is_dir() {
         "the folder has no config.json, so it is not a Hugging Face model folder".to_string()
     } else if path.exists() {
@@ -44,8 +61,8 @@ pub fn load_model(path: &Path, device: &Device) -> Result<LoadedModel, TrainErro
     } else {
         "no such file or folder".to_string()
     };
-    Err(TrainError::ModelLoad {
+    TrainError::ModelLoad {
         path: path.to_path_buf(),
         message,
-    })
+    }
 }

@@ -10,7 +10,7 @@ use studio_core::dataset::{Conversation, Message, Role};
 use studio_train::batch::{batch_loss, Batch};
 use studio_train::chat::{ChatEncoder, ChatTemplate, EncodedExample};
 use studio_train::export::{save_model_folder, FolderMetadata};
-use studio_train::loader::{load_model, LoadedModel};
+use studio_train::loader::{load_model, read_config, LoadedModel};
 use studio_train::lora;
 use studio_train::model::{ForwardContext, Llama};
 use studio_train::optim::{global_grad_norm, AdamW, AdamWConfig};
@@ -190,6 +190,18 @@ fn tokenizer_matches_reference_ids() {
         let encoding = tokenizer.encode(text.as_str(), false).unwrap();
         assert_eq!(encoding.get_ids(), ids_of(&fixture().text["all_ids"]).as_slice(), "{source:?}: reference text");
     }
+}
+
+#[test]
+fn read_config_matches_loaded_config() {
+    // Loading the folder model writes the folder first.
+    let folder_model = hugging_face_model();
+    let folder = Path::new(env!("CARGO_TARGET_TMPDIR")).join("smollm2-hugging-face");
+    let folder_config = read_config(&folder).expect("config.json reads");
+    let gguf_config = read_config(&model_path()).expect("the GGUF metadata reads");
+
+    assert_eq!(gguf_config, fixture().gguf.config, "GGUF metadata alone");
+    assert_eq!(folder_config, folder_model.config, "config.json alone");
 }
 
 #[test]

@@ -279,3 +279,22 @@ fn train_distillation_rejects_missing_teacher() {
     assert!(stderr.contains("teacher model 'no-such-teacher'"), "{stderr}");
     assert!(stderr.contains("not found"), "{stderr}");
 }
+
+#[test]
+fn train_distillation_checks_layers_before_teacher() {
+    let workspace = Workspace::new();
+    let prompts = [json!({"prompt": "sky?"}), json!({"prompt": "grass?"})];
+    let data = workspace.write_jsonl("prompts.jsonl", &prompts);
+    let out = workspace.path("out");
+    let out_arg = out.display().to_string();
+    let (student, teacher) = (workspace.student(), workspace.teacher());
+    assert_eq!(num_hidden_layers(&workspace.path("student")), 2, "the tiny model's layer count changed");
+
+    let stderr = failed(&workspace.train(&[
+        "--model", &student, "--method", "distillation", "--teacher-model", &teacher,
+        "--student-layers", "0,2", "--approach", "full", "--training-file", &data, "--output-dir", &out_arg,
+    ]));
+
+    assert!(stderr.contains("student_layers names layer 2"), "{stderr}");
+    assert!(!out.join("teacher_replies.jsonl").exists(), "the teacher wrote replies before the layer check");
+}

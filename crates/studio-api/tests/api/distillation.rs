@@ -69,3 +69,26 @@ async fn prompts_file_is_for_distillation_only(pool: PgPool) {
     assert!(supervised.error_message().contains("prompts without replies"), "{}", supervised.error_message());
     assert_eq!(distilled.status, StatusCode::OK, "{}", String::from_utf8_lossy(&distilled.body));
 }
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn student_layers_beyond_model_are_rejected(pool: PgPool) {
+    let app = test_app(pool);
+    let file_id = app.uploaded_file_id().await;
+    // The tiny model folder has 2 decoder layers.
+    let dir = app.services.models.dir().join("tiny-folder");
+    studio_train::tiny::write_tiny_model_folder(&dir, "llama", 5).unwrap();
+    let body = |layers: serde_json::Value| {
+        json!({"model": "tiny-folder", "training_file": file_id, "training_type": {"type": "full"},
+            "method": {"type": "distillation", "distillation": {"teacher_model": "tiny-folder",
+                "student_layers": layers}}})
+    };
+
+    let beyond = app.post_json("/v1/fine_tuning/jobs", body(json!([0, 2]))).await;
+    let within = app.post_json("/v1/fine_tuning/jobs", body(json!([1]))).await;
+
+    assert_eq!(beyond.status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&beyond.body));
+    assert_eq!(beyond.json()["error"]["param"], "method.distillation.student_layers");
+    assert!(beyond.error_message().contains("layer 2"), "{}", beyond.error_message());
+    assert!(beyond.error_message().contains("2 layers"), "{}", beyond.error_message());
+    assert_eq!(within.status, StatusCode::OK, "{}", String::from_utf8_lossy(&within.body));
+}

@@ -8,7 +8,8 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use studio_core::dataset::{Conversation, DatasetFormat};
 use studio_core::JobSpec;
-use studio_train::distill::teacher_replies;
+use studio_train::distill::{check_student_layers, teacher_replies};
+use studio_train::loader::read_config;
 use studio_train::{run_distillation, run_dpo, run_sft, DistillJob, DpoJob, RunOutcome, SftJob, TrainError};
 use studio_worker::plan;
 
@@ -62,6 +63,12 @@ pub(super) fn distillation(run: &LocalRun<'_>) -> anyhow::Result<RunOutcome> {
     let teacher_path = resolve_model(run.models_dir, teacher_name).with_context(|| {
         format!("teacher model '{teacher_name}' is not a GGUF file, a Hugging Face folder or a model in the models folder")
     })?;
+    let distill = plan::distill_settings(run.spec).expect("called for distillation specs only");
+    // Checked first, so a bad index fails before the teacher answers a prompts-only file.
+    if let Some(layers) = &distill.student_layers {
+        let config = read_config(run.model_path)?;
+        check_student_layers(layers, config.num_hidden_layers)?;
+    }
     let (examples, format, validation) = read_supervised_files(run, TrainMethod::Distillation)?;
     let examples = match format {
         DatasetFormat::Prompts => write_teacher_replies(run.spec, &teacher_path, &examples, &run.args.output_dir)?,
@@ -73,7 +80,7 @@ pub(super) fn distillation(run: &LocalRun<'_>) -> anyhow::Result<RunOutcome> {
         teacher_path: &teacher_path,
         teacher_adapter: None,
         teacher_name,
-        distill: plan::distill_settings(run.spec).expect("called for distillation specs only"),
+        distill,
     };
     observe(run, |observer| run_distillation(&job, observer))
 }
