@@ -509,6 +509,9 @@ fn parse_preference(object: &Object) -> Result<(PreferencePair, usize), LineProb
         let prompt = match object.get("prompt_messages") {
             Some(value) if !value.is_null() => message_list(value, "prompt_messages")?,
             _ => match field(object, "prompt", "prompt")? {
+                serde_json::Value::String(text) if text.trim().is_empty() => {
+                    return Err(LineProblem::EmptyPrompt("prompt".into()))
+                }
                 serde_json::Value::String(text) => vec![turn(Role::User, text.clone())],
                 list @ serde_json::Value::Array(_) => message_list(list, "prompt")?,
                 other => return Err(wrong_type("prompt", "a string or a list of messages", other)),
@@ -870,6 +873,7 @@ mod tests {
             (r#"{"prompt": "Hi", "chosen": " ", "rejected": "No"}"#, "line 3: field 'chosen' is an empty response"),
             (r#"{"prompt": "Hi", "chosen": "Yes", "rejected": ""}"#, "line 3: field 'rejected' is an empty response"),
             (r#"{"prompt": "Hi", "chosen": "Same", "rejected": "Same"}"#, "line 3: fields 'chosen' and 'rejected' are the same text, so the pair prefers nothing"),
+            (r#"{"prompt": " ", "chosen": "Yes", "rejected": "No"}"#, "line 3: field 'prompt' is an empty prompt"),
             (
                 r#"{"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "assistant", "content": ""}], "non_preferred_output": [{"role": "assistant", "content": "No"}]}"#,
                 "line 3: field 'preferred_output[0].content' is an empty response",
