@@ -299,7 +299,7 @@ async fn cancel_job(
             job
         }
         CancelOutcome::Requested(job) => {
-            let message = "Cancel requested; the worker stops the job after the current step";
+            let message = "Cancel requested. The worker sees it at its next heartbeat and stops the job after the step it is running then";
             services.store.insert_event(&NewEvent::message(&job.id, EventLevel::Info, message)).await?;
             job
         }
@@ -340,7 +340,7 @@ async fn pause_job(
             job
         }
         Ok(PauseOutcome::Requested(job)) => {
-            let message = "Pause requested; the worker writes a checkpoint and pauses the job after the current step";
+            let message = "Pause requested. The worker sees it at its next heartbeat, finishes the step it is running then, writes a checkpoint and pauses the job";
             services.store.insert_event(&NewEvent::message(&job.id, EventLevel::Info, message)).await?;
             job
         }

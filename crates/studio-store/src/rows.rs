@@ -61,14 +61,15 @@ pub(crate) fn same_upload(existing: &FileRecord, file: &NewFile) -> bool {
 
 /// Builds the error for a pause request on a job that cannot be paused.
 pub(crate) fn not_pausable(job: &JobRecord) -> StoreError {
-    let reason = if job.status == JobStatus::Running && job.cancel_requested {
-        "its cancel was already requested".to_owned()
-    } else {
-        format!("it is {}", job.status)
-    };
+    if job.status == JobStatus::Running && job.cancel_requested {
+        return StoreError::Conflict(format!(
+            "fine-tuning job {} cannot be paused: its cancel was already requested, and it stops at its worker's next heartbeat",
+            job.id
+        ));
+    }
     StoreError::Conflict(format!(
-        "fine-tuning job {} cannot be paused: {reason}; only queued or running jobs can be paused",
-        job.id
+        "fine-tuning job {} cannot be paused: it is {}; only queued or running jobs can be paused",
+        job.id, job.status
     ))
 }
 
