@@ -227,6 +227,15 @@ pub fn read_adapter_settings(dir: &Path) -> Result<LoraSettings, TrainError> {
         message: format!("{}: {message}", path.display()),
         param: Some("adapter".into()),
     };
+    if !path.is_file() && dir.join("config.json").is_file() {
+        return Err(TrainError::InvalidData {
+            message: format!(
+                "{} is a model folder, not a PEFT adapter (it has config.json but no {ADAPTER_CONFIG}); load it as the model instead",
+                dir.display()
+            ),
+            param: Some("adapter".into()),
+        });
+    }
     let text = fs::read_to_string(&path).map_err(|err| invalid(err.to_string()))?;
     let config: serde_json::Value = serde_json::from_str(&text).map_err(|err| invalid(format!("invalid JSON: {err}")))?;
     if config["peft_type"].as_str().is_some_and(|kind| kind != "LORA") {
@@ -253,4 +262,21 @@ pub fn apply_adapter(model: &mut Llama, dir: &Path) -> Result<LoraSettings, Trai
     attach(model, &settings, &mut Rng::new(0))?;
     load_adapter_weights(model, dir)?;
     Ok(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_folder_as_adapter_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::tiny::write_tiny_model_folder(dir.path(), "llama", 1).unwrap();
+
+        let err = read_adapter_settings(dir.path()).unwrap_err();
+
+        let message = err.to_string();
+        assert!(message.contains("is a model folder, not a PEFT adapter"), "{message}");
+        assert!(message.contains("load it as the model"), "{message}");
+    }
 }
