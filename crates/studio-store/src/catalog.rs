@@ -48,7 +48,7 @@ fn not_found_message(name: &str, available: &[String]) -> String {
         format!("{start}… ({length} characters)")
     };
     if available.is_empty() {
-        format!("model '{name}' not found: no base models are installed; add NAME.gguf or a Hugging Face folder NAME/ to the models folder")
+        format!("model '{name}' not found: no base models are installed; add NAME.gguf or a Hugging Face folder NAME/ to the models folder (--models-dir), or run fetch-model")
     } else {
         format!(
             "model '{name}' not found; available base models: {}",

@@ -315,7 +315,9 @@ impl JobRun<'_> {
                 message: format!("{role} file {file}: {err}; a DPO job needs preference pairs"),
                 param: Some(param),
             })?;
-        self.event(EventLevel::Info, format!("Read {} {role} preference pairs", pairs.len())).await;
+        let count = pairs.len();
+        let noun = if count == 1 { "pair" } else { "pairs" };
+        self.event(EventLevel::Info, format!("Read {count} {role} preference {noun}")).await;
         Ok(pairs)
     }
 

@@ -68,8 +68,13 @@ async fn fine_tune(
 
     let job = client.create_job(&job_request(&file.id, args)).await?;
     println!(
-        "Created job {} (LoRA r={} alpha={} on {DEMO_MODEL}, {} epochs, batch size {})",
-        job.id, args.r, args.alpha, args.n_epochs, args.batch_size
+        "Created job {} (LoRA r={} alpha={} on {DEMO_MODEL}, {} {}, batch size {})",
+        job.id,
+        args.r,
+        args.alpha,
+        args.n_epochs,
+        if args.n_epochs == 1 { "epoch" } else { "epochs" },
+        args.batch_size
     );
 
     let estimated_steps = estimated_steps(args);

@@ -51,7 +51,7 @@ pub fn print_loss_curve(metrics: &[Metric]) {
         .map(|(epoch, mean)| format!("epoch {epoch}: {mean:.4}"))
         .collect();
     println!("Mean loss by epoch: {}", means.join(", "));
-    if let (Some((_, first_mean)), Some((_, last_mean))) = (epochs.first(), epochs.last()) {
+    if let [(_, first_mean), .., (_, last_mean)] = epochs.as_slice() {
         let change = (last_mean - first_mean) / first_mean * 100.0;
         println!("The mean loss changed by {change:+.1}% from the first epoch to the last.");
     }

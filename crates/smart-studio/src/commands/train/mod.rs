@@ -63,8 +63,9 @@ fn train(models_dir: &Path, args: &TrainArgs) -> anyhow::Result<()> {
     match outcome {
         RunOutcome::Succeeded(summary) => {
             println!(
-                "Done: {} steps, {} tokens, {} skipped steps; metrics in {}",
+                "Done: {} {}, {} tokens, {} skipped; metrics in {}",
                 summary.steps,
+                if summary.steps == 1 { "step" } else { "steps" },
                 summary.trained_tokens,
                 summary.skipped_steps,
                 output.join("metrics.csv").display()
