@@ -1128,19 +1128,11 @@ impl Trainer for ExamplesTrainer {
     }
 }
 
-#[sqlx::test(migrations = "../../migrations")]
-async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
-    use studio_core::dataset::Role;
-
-    let setup = setup(pool).await;
+/// Queues a distillation job of the tiny model `tiny-hf` on a prompts-only file, and returns a
+/// worker whose trainer records the conversations it receives in `seen`.
+async fn queue_prompts_distillation(setup: &Setup, prompts: &str, max_seq_len: u32) -> (NewJob, Worker, Arc<Mutex<Vec<studio_core::dataset::Conversation>>>) {
     let models = setup.services.models.dir().to_path_buf();
     studio_train::tiny::write_tiny_model_folder(&models.join("tiny-hf"), "llama", 3).unwrap();
-    let prompts = concat!(
-        r#"{"prompt": "Hi"}"#,
-        "\n",
-        r#"{"messages": [{"role": "user", "content": "Name a colour"}]}"#,
-        "\n",
-    );
     let file = FileId::new();
     setup.services.artifacts.put_bytes(&file_key(&file), prompts.as_bytes()).await.unwrap();
     let new_file = NewFile {
@@ -1150,19 +1142,34 @@ async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
         bytes: prompts.len() as u64,
         sha256: "0".repeat(64),
         format: DatasetFormat::Prompts,
-        line_count: 2,
+        line_count: prompts.lines().count() as u64,
         idempotency_key: None,
     };
     setup.services.store.insert_file(&new_file).await.unwrap();
     let body = json!({
         "model": "tiny-hf", "training_file": file.as_str(), "training_type": {"type": "full"},
         "method": {"type": "distillation", "distillation": {"teacher_model": "tiny-hf",
-            "hyperparameters": {"max_seq_len": 16}}},
+            "hyperparameters": {"max_seq_len": max_seq_len}}},
     });
     let job = NewJob { id: JobId::new(), spec: JobSpec::parse(&body, 5).unwrap(), max_attempts: 3, idempotency_key: None, request_hash: None };
     setup.services.store.insert_job(&job).await.unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let worker = Worker::new(setup.services.clone(), setup.settings.clone(), Arc::new(ExamplesTrainer { seen: seen.clone() }));
+    (job, worker, seen)
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
+    use studio_core::dataset::Role;
+
+    let setup = setup(pool).await;
+    let prompts = concat!(
+        r#"{"prompt": "Hi"}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "Name a colour"}]}"#,
+        "\n",
+    );
+    let (job, worker, seen) = queue_prompts_distillation(&setup, prompts, 16).await;
 
     worker.run_next_job(not_stopped()).await.unwrap();
     let record = setup.services.store.get_job(&job.id).await.unwrap();
@@ -1192,32 +1199,9 @@ async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
 #[sqlx::test(migrations = "../../migrations")]
 async fn cancel_stops_the_teacher_replies(pool: PgPool) {
     let setup = setup(pool).await;
-    let models = setup.services.models.dir().to_path_buf();
-    studio_train::tiny::write_tiny_model_folder(&models.join("tiny-hf"), "llama", 3).unwrap();
     // Enough prompts that the teacher is still writing when the cancel arrives.
     let prompts: String = (0..2000).map(|i| format!("{{\"prompt\": \"Count to {i}\"}}\n")).collect();
-    let file = FileId::new();
-    setup.services.artifacts.put_bytes(&file_key(&file), prompts.as_bytes()).await.unwrap();
-    let new_file = NewFile {
-        id: file.clone(),
-        filename: "prompts.jsonl".into(),
-        purpose: "fine-tune".into(),
-        bytes: prompts.len() as u64,
-        sha256: "0".repeat(64),
-        format: DatasetFormat::Prompts,
-        line_count: 2000,
-        idempotency_key: None,
-    };
-    setup.services.store.insert_file(&new_file).await.unwrap();
-    let body = json!({
-        "model": "tiny-hf", "training_file": file.as_str(), "training_type": {"type": "full"},
-        "method": {"type": "distillation", "distillation": {"teacher_model": "tiny-hf",
-            "hyperparameters": {"max_seq_len": 64}}},
-    });
-    let job = NewJob { id: JobId::new(), spec: JobSpec::parse(&body, 5).unwrap(), max_attempts: 3, idempotency_key: None, request_hash: None };
-    setup.services.store.insert_job(&job).await.unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let worker = Worker::new(setup.services.clone(), setup.settings.clone(), Arc::new(ExamplesTrainer { seen: seen.clone() }));
+    let (job, worker, seen) = queue_prompts_distillation(&setup, &prompts, 64).await;
     let store = setup.services.store.clone();
     let job_id = job.id.clone();
     let canceller = tokio::spawn(async move {
