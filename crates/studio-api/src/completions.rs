@@ -2,7 +2,7 @@
 //! fine-tuned model of a succeeded job, whole or streamed as Server-Sent Events.
 
 use std::convert::Infallible;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -218,7 +218,7 @@ fn to_message(index: usize, message: RequestMessage) -> Result<Message, ApiError
 }
 
 /// The origin of a model's weights.
-enum ModelSource {
+pub(crate) enum ModelSource {
     /// A catalog entry, optionally with a job's adapter stored under `adapter_prefix`.
     Base {
         path: std::path::PathBuf,
@@ -229,7 +229,7 @@ enum ModelSource {
 }
 
 /// Finds the base model or the succeeded job that `name` refers to.
-async fn model_source(services: &Services, name: &str) -> Result<ModelSource, ApiError> {
+pub(crate) async fn model_source(services: &Services, name: &str) -> Result<ModelSource, ApiError> {
     let catalog = services.models.clone();
     let requested = name.to_owned();
     let resolved = tokio::task::spawn_blocking(move || catalog.resolve(&requested))
@@ -312,27 +312,7 @@ async fn chat_model(services: &Services, name: &str) -> Result<Arc<ChatModel>, A
     // The artifacts are needed only while loading, because the weights are then in memory.
     let scratch = tempfile::tempdir()
         .map_err(|err| ApiError::internal(format!("cannot create a scratch folder: {err}")))?;
-    let (path, adapter) = match source {
-        ModelSource::Base {
-            path,
-            adapter_prefix,
-        } => {
-            let adapter = match adapter_prefix {
-                Some(prefix) => {
-                    let dir = scratch.path().join("adapter");
-                    services.artifacts.get_dir(&prefix, &dir).await?;
-                    Some(dir)
-                }
-                None => None,
-            };
-            (path, adapter)
-        }
-        ModelSource::Folder { prefix } => {
-            let dir = scratch.path().join("model");
-            services.artifacts.get_dir(&prefix, &dir).await?;
-            (dir, None)
-        }
-    };
+    let (path, adapter) = fetch_source(services, source, scratch.path()).await?;
 
     tracing::info!(model = name, "loading a model for chat completions");
     let model = tokio::task::spawn_blocking(move || load(&path, adapter.as_deref()))
@@ -343,6 +323,36 @@ async fn chat_model(services: &Services, name: &str) -> Result<Arc<ChatModel>, A
     let model = Arc::new(model);
     remember(name, model.clone());
     Ok(model)
+}
+
+/// Downloads the stored artifacts of `source` into `scratch` and returns the model's path and
+/// the adapter folder of a LoRA job.
+pub(crate) async fn fetch_source(
+    services: &Services,
+    source: ModelSource,
+    scratch: &Path,
+) -> Result<(PathBuf, Option<PathBuf>), ApiError> {
+    match source {
+        ModelSource::Base {
+            path,
+            adapter_prefix,
+        } => {
+            let adapter = match adapter_prefix {
+                Some(prefix) => {
+                    let dir = scratch.join("adapter");
+                    services.artifacts.get_dir(&prefix, &dir).await?;
+                    Some(dir)
+                }
+                None => None,
+            };
+            Ok((path, adapter))
+        }
+        ModelSource::Folder { prefix } => {
+            let dir = scratch.join("model");
+            services.artifacts.get_dir(&prefix, &dir).await?;
+            Ok((dir, None))
+        }
+    }
 }
 
 fn load(path: &Path, adapter: Option<&Path>) -> Result<ChatModel, TrainError> {

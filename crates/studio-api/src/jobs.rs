@@ -126,7 +126,7 @@ async fn create_job(
 
 /// Checks that a distillation teacher names an installed base model or a succeeded job's
 /// `fine_tuned_model`.
-async fn check_teacher(services: &Services, teacher: &str) -> Result<(), ApiError> {
+pub(crate) async fn check_teacher(services: &Services, teacher: &str) -> Result<(), ApiError> {
     if services.models.resolve(teacher).is_ok() {
         return Ok(());
     }
@@ -219,7 +219,7 @@ pub async fn check_file(
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum FileRole {
+pub(crate) enum FileRole {
     Training,
     Validation,
 }
@@ -228,7 +228,7 @@ enum FileRole {
 /// conversations otherwise. Prompts without replies suit only a distillation job's training
 /// file, since its teacher writes the replies. A validation file must contain the replies it
 /// scores.
-fn check_file_format(spec: &JobSpec, file: &studio_store::FileRecord, role: FileRole) -> Result<(), ApiError> {
+pub(crate) fn check_file_format(spec: &JobSpec, file: &studio_store::FileRecord, role: FileRole) -> Result<(), ApiError> {
     use studio_core::dataset::DatasetFormat;
     let (param, code) = match role {
         FileRole::Training => ("training_file", "invalid_training_file"),

@@ -312,9 +312,9 @@ pub fn teacher_replies(
 }
 
 /// The request path of a distillation job's hyperparameters, which errors name as the field to fix.
-const DISTILLATION_HYPERPARAMETERS: &str = "method.distillation.hyperparameters";
+pub(crate) const DISTILLATION_HYPERPARAMETERS: &str = "method.distillation.hyperparameters";
 
-fn validate_distill(settings: &DistillSettings) -> Result<(), TrainError> {
+pub(crate) fn validate_distill(settings: &DistillSettings) -> Result<(), TrainError> {
     let param = |name: &str| format!("{DISTILLATION_HYPERPARAMETERS}.{name}");
     if !(settings.temperature.is_finite() && settings.temperature > 0.0) {
         return Err(invalid(
@@ -334,13 +334,17 @@ fn validate_distill(settings: &DistillSettings) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Loads the teacher, with its adapter when it has one.
-fn load_teacher(job: &DistillJob<'_>, device: &Device) -> Result<(LoadedModel, Llama), TrainError> {
-    let mut loaded = load_model(job.teacher_path, device).map_err(|err| match err {
+/// Loads the teacher `name` from `path`, with its adapter when it has one.
+pub(crate) fn load_teacher(
+    path: &Path,
+    adapter: Option<&Path>,
+    name: &str,
+    device: &Device,
+) -> Result<(LoadedModel, Llama), TrainError> {
+    let mut loaded = load_model(path, device).map_err(|err| match err {
         TrainError::ModelLoad { path, message } => TrainError::InvalidData {
             message: format!(
-                "failed to load teacher model {} from {}: {message}",
-                job.teacher_name,
+                "failed to load teacher model {name} from {}: {message}",
                 path.display()
             ),
             param: Some("method.distillation.teacher_model".into()),
@@ -349,10 +353,24 @@ fn load_teacher(job: &DistillJob<'_>, device: &Device) -> Result<(LoadedModel, L
     })?;
     let mut model = Llama::from_weights(&loaded.config, &loaded.weights, device)?;
     loaded.weights.clear();
-    if let Some(adapter) = job.teacher_adapter {
+    if let Some(adapter) = adapter {
         lora::apply_adapter(&mut model, adapter)?;
     }
     Ok((loaded, model))
+}
+
+/// Checks that the student's training type suits the distillation settings.
+pub(crate) fn check_approach(approach: &crate::Approach, distill: &DistillSettings) -> Result<(), TrainError> {
+    if let crate::Approach::Lora(settings) = approach {
+        if distill.student_layers.is_some() {
+            return Err(invalid(
+                "student_layers builds a new, smaller model, which cannot take LoRA adapters; train it with training_type full",
+                "training_type",
+            ));
+        }
+        lora::validate(settings)?;
+    }
+    Ok(())
 }
 
 /// Runs a distillation and writes the student under `job.sft.output_dir`, as [`crate::run_sft`]
@@ -366,19 +384,11 @@ pub fn run_distillation(
     let sft = &job.sft;
     validate_settings(&sft.settings, DISTILLATION_HYPERPARAMETERS)?;
     validate_distill(&job.distill)?;
-    if let crate::Approach::Lora(settings) = &sft.approach {
-        if job.distill.student_layers.is_some() {
-            return Err(invalid(
-                "student_layers builds a new, smaller model, which cannot take LoRA adapters; train it with training_type full",
-                "training_type",
-            ));
-        }
-        lora::validate(settings)?;
-    }
+    check_approach(&sft.approach, &job.distill)?;
     let device = Device::Cpu;
     let settings = &sft.settings;
 
-    let (teacher_loaded, teacher) = load_teacher(job, &device)?;
+    let (teacher_loaded, teacher) = load_teacher(job.teacher_path, job.teacher_adapter, job.teacher_name, &device)?;
     observer.on_event(
         EventLevel::Info,
         &format!("Loaded teacher model {}", job.teacher_name),
@@ -501,10 +511,10 @@ pub fn run_distillation(
 }
 
 /// The distillation step: the teacher's softened distribution and the reference tokens.
-struct DistillSteps<'a> {
-    context: StepContext<'a>,
-    train: &'a [EncodedExample],
-    valid: &'a [EncodedExample],
+pub(crate) struct DistillSteps<'a> {
+    pub(crate) context: StepContext<'a>,
+    pub(crate) train: &'a [EncodedExample],
+    pub(crate) valid: &'a [EncodedExample],
 }
 
 impl StepMethod for DistillSteps<'_> {
@@ -531,15 +541,15 @@ impl StepMethod for DistillSteps<'_> {
 }
 
 /// The models and settings that every step of a run uses.
-struct StepContext<'a> {
-    teacher: &'a Llama,
-    student: &'a Llama,
-    vars: &'a [(String, Var)],
-    vocab: usize,
-    distill: &'a DistillSettings,
-    batch_size: usize,
-    pad: u32,
-    device: &'a Device,
+pub(crate) struct StepContext<'a> {
+    pub(crate) teacher: &'a Llama,
+    pub(crate) student: &'a Llama,
+    pub(crate) vars: &'a [(String, Var)],
+    pub(crate) vocab: usize,
+    pub(crate) distill: &'a DistillSettings,
+    pub(crate) batch_size: usize,
+    pub(crate) pad: u32,
+    pub(crate) device: &'a Device,
 }
 
 struct StepTotals {

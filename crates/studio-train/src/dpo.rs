@@ -329,7 +329,7 @@ fn to_f64s(tensor: &Tensor) -> Result<Vec<f64>, TrainError> {
 
 /// Computes the (chosen, rejected) log-probabilities of every pair without dropout (and with
 /// any adapters off), `batch_size` pairs per pass.
-fn reference_log_probs(model: &Llama, pairs: &[EncodedPair], batch_size: usize, pad: u32) -> Result<Vec<(f64, f64)>, TrainError> {
+pub(crate) fn reference_log_probs(model: &Llama, pairs: &[EncodedPair], batch_size: usize, pad: u32) -> Result<Vec<(f64, f64)>, TrainError> {
     let mut values = Vec::with_capacity(pairs.len());
     let rows: Vec<&EncodedPair> = pairs.iter().collect();
     for chunk in rows.chunks(batch_size.max(1)) {
@@ -412,18 +412,18 @@ struct StepTotals {
 }
 
 /// The DPO step: the sigmoid loss of each pair against the reference log-probabilities.
-struct DpoSteps<'a> {
-    model: &'a Llama,
-    vars: &'a [(String, Var)],
-    train: &'a [EncodedPair],
-    valid: &'a [EncodedPair],
+pub(crate) struct DpoSteps<'a> {
+    pub(crate) model: &'a Llama,
+    pub(crate) vars: &'a [(String, Var)],
+    pub(crate) train: &'a [EncodedPair],
+    pub(crate) valid: &'a [EncodedPair],
     /// The base model's log-probabilities of the training pairs in a full fine-tuning run. A
     /// LoRA run computes them with the adapters off instead.
-    reference: Option<&'a [(f64, f64)]>,
-    valid_reference: Option<&'a [(f64, f64)]>,
-    beta: f64,
-    batch_size: usize,
-    pad: u32,
+    pub(crate) reference: Option<&'a [(f64, f64)]>,
+    pub(crate) valid_reference: Option<&'a [(f64, f64)]>,
+    pub(crate) beta: f64,
+    pub(crate) batch_size: usize,
+    pub(crate) pad: u32,
 }
 
 impl StepMethod for DpoSteps<'_> {

@@ -1,47 +1,159 @@
 //! A dry run: what a job would train, how many tokens and steps it takes, roughly how much
-//! memory it needs, and optionally how long a real step takes.
+//! memory it needs, and optionally how long a real step takes. Supervised, DPO and
+//! distillation jobs each count what their own run would process.
+
+mod distill;
+mod dpo;
 
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{Device, Var};
 use serde::Serialize;
-use studio_core::dataset::Conversation;
+use studio_core::dataset::{Conversation, PreferencePair};
 
 use crate::batch::{batch_loss, Batch};
 use crate::chat::EncodedExample;
 use crate::config::LlamaConfig;
 use crate::data::{encode_examples, hold_out};
-use crate::loader::load_model;
+use crate::distill::DistillSettings;
+use crate::loader::{load_model, LoadedModel};
 use crate::lora;
 use crate::model::{ForwardContext, Llama};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::rng::Rng;
 use crate::run::{Approach, TrainObserver, TrainSettings, SUPERVISED_HYPERPARAMETERS};
+use crate::steps::StepMethod;
 use crate::TrainError;
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Estimate {
+    /// The job's method: `supervised`, `dpo` or `distillation`.
+    pub method: &'static str,
+    /// For distillation, the student's, after `student_layers`.
     pub trainable_parameters: u64,
+    /// For distillation, the student's, after `student_layers`.
     pub total_parameters: u64,
     /// Trainable parameters as a percentage of the base model's.
     pub trainable_percent: f64,
-    /// Training examples, after the automatic hold-out.
+    /// Training examples after the automatic hold-out, or preference pairs for DPO.
     pub examples: u64,
-    /// Examples held out for validation when the job has no validation file.
+    /// Examples held out for validation when the job has no validation file. DPO holds out
+    /// nothing.
     pub held_out_examples: u64,
-    /// Examples with no target token within `max_seq_len`, which training drops.
+    /// Examples with no target token within `max_seq_len`, or, for DPO, pairs whose replies are
+    /// identical within it. Training drops both.
     pub dropped_examples: u64,
-    /// Tokens of one epoch after truncation, padding excluded.
+    /// Tokens of one epoch after truncation, padding excluded. A DPO pair counts its prompt
+    /// twice, once before each reply, as its step processes it.
     pub tokens_per_epoch: u64,
     pub total_tokens: u64,
     pub steps_per_epoch: u64,
     pub total_steps: u64,
     /// An estimate from a formula, not a measurement: weights, optimizer state and the
-    /// activations of the largest micro-batch, in f32.
+    /// activations of the largest micro-batch, in f32, plus a distillation teacher's weights and
+    /// logits.
     pub estimated_peak_memory_bytes: u64,
     /// Median wall time of the measured steps, when steps were measured.
     pub seconds_per_step: Option<f64>,
     pub estimated_total_seconds: Option<f64>,
+}
+
+/// The counts of an estimate, before steps are derived and timed.
+struct Counts {
+    method: &'static str,
+    total_parameters: u64,
+    trainable_parameters: u64,
+    /// Training items per epoch: examples, or preference pairs for DPO.
+    examples: usize,
+    held_out: usize,
+    dropped: usize,
+    tokens_per_epoch: u64,
+    peak_memory_bytes: u64,
+}
+
+impl Estimate {
+    /// Derives steps and totals from `counts` as the step loop plans them.
+    fn from_counts(counts: Counts, settings: &TrainSettings, seconds_per_step: Option<f64>) -> Estimate {
+        let items_per_step = settings.batch_size * settings.gradient_accumulation_steps;
+        let steps_per_epoch = counts.examples.div_ceil(items_per_step.max(1)) as u64;
+        let total_steps = steps_per_epoch * settings.n_epochs as u64;
+        Estimate {
+            method: counts.method,
+            trainable_parameters: counts.trainable_parameters,
+            total_parameters: counts.total_parameters,
+            trainable_percent: 100.0 * counts.trainable_parameters as f64 / counts.total_parameters as f64,
+            examples: counts.examples as u64,
+            held_out_examples: counts.held_out as u64,
+            dropped_examples: counts.dropped as u64,
+            tokens_per_epoch: counts.tokens_per_epoch,
+            total_tokens: counts.tokens_per_epoch * settings.n_epochs as u64,
+            steps_per_epoch,
+            total_steps,
+            estimated_peak_memory_bytes: counts.peak_memory_bytes,
+            seconds_per_step,
+            estimated_total_seconds: seconds_per_step.map(|s| s * total_steps as f64),
+        }
+    }
+}
+
+/// A distillation teacher: a model file or folder, with the adapter of a teacher fine-tuned
+/// with LoRA.
+pub struct TeacherModel<'a> {
+    pub path: &'a Path,
+    pub adapter: Option<&'a Path>,
+    /// The teacher's name in messages.
+    pub name: &'a str,
+}
+
+/// The training data and settings of the job's method.
+pub enum EstimateMethod<'a> {
+    Supervised {
+        conversations: &'a [Conversation],
+    },
+    Dpo {
+        pairs: &'a [PreferencePair],
+        /// Scales the log-probability ratios in the DPO loss.
+        beta: f64,
+    },
+    Distillation {
+        /// Conversations that end with the reference replies.
+        conversations: &'a [Conversation],
+        teacher: TeacherModel<'a>,
+        distill: &'a DistillSettings,
+        /// The name of the job's model, which the student is built from, in messages.
+        student_name: &'a str,
+    },
+}
+
+/// A job to estimate.
+pub struct EstimateJob<'a> {
+    /// A GGUF file or a Hugging Face model folder: the base model, or a distillation student's
+    /// source.
+    pub model_path: &'a Path,
+    pub method: EstimateMethod<'a>,
+    pub approach: &'a Approach,
+    pub settings: &'a TrainSettings,
+    /// True when the job has no validation file, so a supervised or distillation run holds out
+    /// part of the training set as [`run_sft`](crate::run_sft) does.
+    pub hold_out_validation: bool,
+    /// Optimizer steps to time on the first training items, or 0 to time none. When there are
+    /// several, the first is left out of the median as warm-up.
+    pub measure_steps: usize,
+}
+
+/// Estimates a job by loading its model and encoding its training file as the run would.
+pub fn estimate(job: &EstimateJob<'_>, observer: &mut dyn TrainObserver) -> Result<Estimate, TrainError> {
+    match &job.method {
+        EstimateMethod::Supervised { conversations } => estimate_supervised(job, conversations, observer),
+        EstimateMethod::Dpo { pairs, beta } => dpo::estimate_dpo(job, pairs, *beta, observer),
+        EstimateMethod::Distillation {
+            conversations,
+            teacher,
+            distill,
+            student_name,
+        } => distill::estimate_distillation(job, conversations, teacher, distill, student_name, observer),
+    }
 }
 
 /// Parameters of the model, counting a tied embedding and head once.
@@ -85,65 +197,95 @@ pub fn parameter_bytes(total: u64, trainable: u64) -> u64 {
     4 * (total + 3 * trainable)
 }
 
-/// Estimates a job. `hold_out_validation` is true when the job has no validation file, so the
-/// run would hold out part of the training set as [`run_sft`](crate::run_sft) does. With
-/// `measure_steps > 0`, it also times that many optimizer steps on the first examples. When
-/// there are several, the first is left out of the median as warm-up.
-pub fn estimate(
-    model_path: &Path,
+fn estimate_supervised(
+    job: &EstimateJob<'_>,
     conversations: &[Conversation],
-    approach: &Approach,
-    settings: &TrainSettings,
-    hold_out_validation: bool,
-    measure_steps: usize,
     observer: &mut dyn TrainObserver,
 ) -> Result<Estimate, TrainError> {
     let device = Device::Cpu;
-    let loaded = load_model(model_path, &device)?;
+    let settings = job.settings;
+    let loaded = load_model(job.model_path, &device)?;
     let max_seq_len_param = format!("{SUPERVISED_HYPERPARAMETERS}.max_seq_len");
-    let encoded = encode_examples(&loaded, conversations, settings.max_seq_len, &max_seq_len_param, "training file", observer)?;
-    let encoded_count = encoded.len();
-    let (examples, held_out) = if hold_out_validation {
+    let split = encode_and_split(&loaded, conversations, job, &max_seq_len_param, observer)?;
+    let config = &loaded.config;
+
+    let total = total_parameters(config);
+    let trainable = trainable_parameters(config, job.approach);
+    let largest = MicroBatchShape::largest(&split.train, settings.batch_size);
+    let memory = parameter_bytes(total, trainable) + largest.activation_bytes(config);
+
+    let seconds_per_step = if job.measure_steps > 0 {
+        Some(measure(&loaded, &split.train, job.approach, settings, job.measure_steps, &device)?)
+    } else {
+        None
+    };
+    let counts = Counts {
+        method: "supervised",
+        total_parameters: total,
+        trainable_parameters: trainable,
+        examples: split.train.len(),
+        held_out: split.held_out,
+        dropped: split.dropped,
+        tokens_per_epoch: split.train.iter().map(|e| e.ids.len() as u64).sum(),
+        peak_memory_bytes: memory,
+    };
+    Ok(Estimate::from_counts(counts, settings, seconds_per_step))
+}
+
+/// Training examples after encoding and the automatic hold-out.
+struct ExampleSplit {
+    train: Vec<EncodedExample>,
+    held_out: usize,
+    /// Conversations with no target token within `max_seq_len`.
+    dropped: usize,
+}
+
+fn encode_and_split(
+    loaded: &LoadedModel,
+    conversations: &[Conversation],
+    job: &EstimateJob<'_>,
+    max_seq_len_param: &str,
+    observer: &mut dyn TrainObserver,
+) -> Result<ExampleSplit, TrainError> {
+    let settings = job.settings;
+    let encoded = encode_examples(loaded, conversations, settings.max_seq_len, max_seq_len_param, "training file", observer)?;
+    let dropped = conversations.len() - encoded.len();
+    let (train, held_out) = if job.hold_out_validation {
         hold_out(encoded, settings.seed)
     } else {
         (encoded, Vec::new())
     };
-    let config = &loaded.config;
-
-    let total = total_parameters(config);
-    let trainable = trainable_parameters(config, approach);
-    let examples_per_step = settings.batch_size * settings.gradient_accumulation_steps;
-    let steps_per_epoch = examples.len().div_ceil(examples_per_step.max(1)) as u64;
-    let tokens_per_epoch: u64 = examples.iter().map(|e| e.ids.len() as u64).sum();
-
-    let mut by_length: Vec<&EncodedExample> = examples.iter().collect();
-    by_length.sort_by_key(|e| std::cmp::Reverse(e.ids.len()));
-    let largest: Vec<&EncodedExample> = by_length.into_iter().take(settings.batch_size).collect();
-    let seq_len = largest.first().map_or(0, |e| e.ids.len());
-    let targets: usize = largest.iter().map(|e| e.n_targets()).sum();
-    let memory = parameter_bytes(total, trainable) + activation_bytes(config, largest.len(), seq_len, targets);
-
-    let seconds_per_step = if measure_steps > 0 {
-        Some(measure(&loaded, &examples, approach, settings, measure_steps, &device)?)
-    } else {
-        None
-    };
-    let total_steps = steps_per_epoch * settings.n_epochs as u64;
-    Ok(Estimate {
-        trainable_parameters: trainable,
-        total_parameters: total,
-        trainable_percent: 100.0 * trainable as f64 / total as f64,
-        examples: examples.len() as u64,
-        held_out_examples: held_out.len() as u64,
-        dropped_examples: (conversations.len() - encoded_count) as u64,
-        tokens_per_epoch,
-        total_tokens: tokens_per_epoch * settings.n_epochs as u64,
-        steps_per_epoch,
-        total_steps,
-        estimated_peak_memory_bytes: memory,
-        seconds_per_step,
-        estimated_total_seconds: seconds_per_step.map(|s| s * total_steps as f64),
+    Ok(ExampleSplit {
+        train,
+        held_out: held_out.len(),
+        dropped,
     })
+}
+
+/// The size of one micro-batch, for [`activation_bytes`].
+struct MicroBatchShape {
+    rows: usize,
+    /// The maximum row length, to which the other rows are padded.
+    seq_len: usize,
+    targets: usize,
+}
+
+impl MicroBatchShape {
+    /// Returns the shape of the micro-batch of the `batch_size` longest examples.
+    fn largest(examples: &[EncodedExample], batch_size: usize) -> MicroBatchShape {
+        let mut by_length: Vec<&EncodedExample> = examples.iter().collect();
+        by_length.sort_by_key(|e| std::cmp::Reverse(e.ids.len()));
+        let largest: Vec<&EncodedExample> = by_length.into_iter().take(batch_size).collect();
+        MicroBatchShape {
+            rows: largest.len(),
+            seq_len: largest.first().map_or(0, |e| e.ids.len()),
+            targets: largest.iter().map(|e| e.n_targets()).sum(),
+        }
+    }
+
+    fn activation_bytes(&self, config: &LlamaConfig) -> u64 {
+        activation_bytes(config, self.rows, self.seq_len, self.targets)
+    }
 }
 
 fn measure(
@@ -175,9 +317,48 @@ fn measure(
         }
         seconds.push(started.elapsed().as_secs_f64());
     }
+    Ok(median_after_warmup(seconds))
+}
+
+/// Makes the model's trained variables as a run of `approach` would, with adapters initialised
+/// from `seed`.
+fn attach_trainable(model: &mut Llama, approach: &Approach, seed: u64) -> Result<Vec<(String, Var)>, TrainError> {
+    match approach {
+        Approach::Lora(settings) => {
+            lora::attach(model, settings, &mut Rng::new(seed))?;
+            Ok(lora::adapter_vars(model))
+        }
+        Approach::Full => Ok(model.make_all_trainable()?),
+    }
+}
+
+/// Times `steps` optimizer steps of `method` over training items `0..n_items` and returns the
+/// median. The learning rate is 0, so the weights do not change between steps.
+fn time_steps(
+    method: &dyn StepMethod,
+    vars: &[(String, Var)],
+    n_items: usize,
+    seed: u64,
+    steps: usize,
+) -> Result<f64, TrainError> {
+    let mut optimizer = AdamW::new(vars.iter().map(|(_, var)| var.clone()).collect(), AdamWConfig::default())?;
+    let indices: Vec<usize> = (0..n_items).collect();
+    let mut rng = Rng::new(seed);
+    let mut seconds = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let started = Instant::now();
+        let gradients = method.gradients(&indices, &mut rng)?;
+        optimizer.step_with(&gradients.grads, 0.0)?;
+        seconds.push(started.elapsed().as_secs_f64());
+    }
+    Ok(median_after_warmup(seconds))
+}
+
+/// Returns the median of `seconds`, leaving out the first as warm-up when there are several.
+fn median_after_warmup(mut seconds: Vec<f64>) -> f64 {
     let timed = if seconds.len() > 1 { &mut seconds[1..] } else { &mut seconds[..] };
     timed.sort_by(f64::total_cmp);
-    Ok(timed[timed.len() / 2])
+    timed[timed.len() / 2]
 }
 
 #[cfg(test)]

@@ -130,3 +130,54 @@ async fn validation_file_must_match_method(pool: PgPool) {
         distillation_with_pairs.error_message()
     );
 }
+
+/// Counts the tokens of `text` for the tiny model's byte-level tokenizer: one per byte, and one
+/// per special token.
+fn byte_level_tokens(text: &str) -> usize {
+    let specials = text.matches("<|im_start|>").count() + text.matches("<|im_end|>").count();
+    specials + text.replace("<|im_start|>", "").replace("<|im_end|>", "").len()
+}
+
+#[sqlx::test(migrations = "../../migrations")]
+async fn dpo_estimate_counts_pairs(pool: PgPool) {
+    let app = test_app(pool);
+    studio_train::tiny::write_tiny_model_folder(&app.services.models.dir().join("tiny-folder"), "llama", 5).unwrap();
+    // The last pair's replies differ only after their first 40 tokens, which is all that
+    // max_seq_len 80 leaves them after a 60-token prompt. The other pairs fit whole.
+    let (same_chosen, same_rejected) = (format!("{}yes", "A".repeat(50)), format!("{}no", "A".repeat(50)));
+    let pairs = [("Hi", "Hello!", "Go away."), ("Bye", "Goodbye!", "Whatever."), ("Sky?", "Blue.", "Green."), ("Same?", &same_chosen, &same_rejected)];
+    let lines: Vec<String> = pairs
+        .iter()
+        .map(|(prompt, chosen, rejected)| json!({"prompt": prompt, "chosen": chosen, "rejected": rejected}).to_string())
+        .collect();
+    let upload = app.upload("pairs.jsonl", "fine-tune", &lines.join("\n")).await;
+    let file_id = upload.json()["id"].as_str().unwrap().to_owned();
+
+    let body = json!({"model": "tiny-folder", "training_file": file_id, "measure_steps": 1,
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "batch_size": 2, "max_seq_len": 80}}}});
+    let response = app.post_json("/v1/fine_tuning/estimate", body).await;
+    let estimate = response.json();
+
+    // Each pair is scored twice: its prompt before the chosen reply and before the rejected
+    // one, each reply ending with <|im_end|>.
+    let prompt_tokens = |prompt: &str| {
+        byte_level_tokens(&format!(
+            "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        ))
+    };
+    let expected_tokens: usize = pairs[..3]
+        .iter()
+        .map(|(prompt, chosen, rejected)| 2 * prompt_tokens(prompt) + chosen.len() + 1 + rejected.len() + 1)
+        .sum();
+    assert_eq!(response.status, StatusCode::OK, "{estimate}");
+    assert_eq!(estimate["method"], "dpo");
+    assert_eq!(estimate["examples"], 3);
+    assert_eq!(estimate["dropped_examples"], 1, "the pair with identical truncated replies is dropped");
+    assert_eq!(estimate["held_out_examples"], 0);
+    assert_eq!(estimate["tokens_per_epoch"], expected_tokens);
+    assert_eq!(estimate["steps_per_epoch"], 2);
+    assert_eq!(estimate["total_steps"], 4);
+    assert!(estimate["seconds_per_step"].as_f64().is_some_and(|s| s > 0.0), "{estimate}");
+    let warnings = estimate["warnings"].to_string();
+    assert!(warnings.contains("Dropped 1 pair"), "{warnings}");
+}
