@@ -86,7 +86,7 @@ pub fn hold_out(examples: Vec<EncodedExample>, seed: u64) -> (Vec<EncodedExample
     }
     let count = examples.len().div_ceil(10).min(MAX_HOLD_OUT);
     let mut order: Vec<usize> = (0..examples.len()).collect();
-    Rng::new(seed ^ 0x5EED_0F_7A11D).shuffle(&mut order);
+    Rng::new(seed ^ 0x05EE_D0F7_A11D).shuffle(&mut order);
     let held_out: std::collections::HashSet<usize> = order[..count].iter().copied().collect();
     let (mut train, mut valid) = (Vec::new(), Vec::new());
     for (index, example) in examples.into_iter().enumerate() {

@@ -707,7 +707,7 @@ mod tests {
 
         let mut streamed = String::new();
         let stopped = chat
-            .reply(&messages, &greedy(16), &[stop.clone()], &mut |piece| {
+            .reply(&messages, &greedy(16), std::slice::from_ref(&stop), &mut |piece| {
                 streamed.push_str(piece)
             })
             .unwrap();

@@ -265,8 +265,8 @@ impl Progress {
 /// Steps (1-based) after which a checkpoint is written.
 pub(crate) fn planned_checkpoints(total_steps: u64, interval: u64, count: u64) -> BTreeSet<u64> {
     let mut steps = BTreeSet::new();
-    if interval > 0 {
-        steps.extend((1..=total_steps / interval).map(|k| k * interval));
+    if let Some(intervals) = total_steps.checked_div(interval) {
+        steps.extend((1..=intervals).map(|k| k * interval));
     }
     for k in 1..=count.min(total_steps) {
         steps.insert((total_steps * k).div_ceil(count));
