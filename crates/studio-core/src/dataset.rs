@@ -136,6 +136,8 @@ pub enum LineProblem {
     IdenticalResponses(String, String),
     #[error("field '{0}' is an empty prompt")]
     EmptyPrompt(String),
+    #[error("field '{field}' is {role:?}; a reply must be from the assistant")]
+    ReplyNotAssistant { field: String, role: String },
     #[error("the last turn of '{0}' is from the {1}; a prompt must end with a user turn")]
     PromptNotEndingWithUser(String, &'static str),
 }
@@ -575,6 +577,16 @@ fn output_text(object: &Object, key: &str) -> Result<String, LineProblem> {
     let serde_json::Value::Object(message) = first else {
         return Err(wrong_type(&path, "an object", first));
     };
+    // OpenAI's format names the role; a reply without one is taken as the assistant's.
+    if let Some(role) = message.get("role") {
+        let role_path = format!("{path}.role");
+        let serde_json::Value::String(role) = role else {
+            return Err(wrong_type(&role_path, "a string", role));
+        };
+        if role != "assistant" {
+            return Err(LineProblem::ReplyNotAssistant { field: role_path, role: role.clone() });
+        }
+    }
     let content_path = format!("{path}.content");
     let content = string(message, "content", &content_path)?;
     if content.trim().is_empty() {
@@ -881,6 +893,10 @@ mod tests {
             (
                 r#"{"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "assistant", "content": "Yes"}]}"#,
                 "line 3: missing required field 'non_preferred_output'",
+            ),
+            (
+                r#"{"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "assistant", "content": "Yes"}], "non_preferred_output": [{"role": "user", "content": "No"}]}"#,
+                "line 3: field 'non_preferred_output[0].role' is \"user\"; a reply must be from the assistant",
             ),
             (
                 r#"{"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "chosen": "A", "rejected": "B"}"#,
