@@ -148,6 +148,9 @@ impl JobRun<'_> {
         };
         // Only the training file gets teacher replies: the API rejects a prompts-only
         // validation file.
+        if teacher.is_some() && is_prompts_only(&examples) {
+            check_student_layers(spec, &model.path).await?;
+        }
         let examples = match &teacher {
             Some(teacher) if is_prompts_only(&examples) => match self.write_teacher_replies(teacher, examples, flags).await? {
                 Some(examples) => examples,
@@ -749,6 +752,30 @@ fn results_csv(metrics: &[MetricPoint]) -> String {
 /// Tells whether every conversation ends with a user turn, as a prompts-only file's do.
 fn is_prompts_only(conversations: &[Conversation]) -> bool {
     conversations.iter().all(|c| c.messages.last().is_some_and(|m| m.role == Role::User))
+}
+
+/// Checks a distillation job's `student_layers` against the model's config before the teacher
+/// spends time on replies, since the trainer checks them only when it builds the student. A
+/// config that cannot be read is left to the trainer, whose load error names the problem.
+async fn check_student_layers(spec: &JobSpec, model_path: &Path) -> Result<(), JobError> {
+    let Some(layers) = distill_settings(spec).and_then(|settings| settings.student_layers) else {
+        return Ok(());
+    };
+    let path = model_path.to_path_buf();
+    let checked = tokio::task::spawn_blocking(move || {
+        let config = studio_train::loader::read_config(&path)?;
+        studio_train::distill::check_student_layers(&layers, config.num_hidden_layers)
+    })
+    .await
+    .map_err(|err| internal_error(format!("the student_layers check stopped unexpectedly: {err}")))?;
+    match checked {
+        Err(err @ TrainError::InvalidData { .. }) => Err(train_error(&err)),
+        Err(err) => {
+            tracing::warn!(model_path = %model_path.display(), error = %err, "cannot read the model config to check student_layers; the trainer checks them");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
+    }
 }
 
 fn train_error(err: &TrainError) -> JobError {

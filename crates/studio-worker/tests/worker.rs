@@ -1128,9 +1128,14 @@ impl Trainer for ExamplesTrainer {
     }
 }
 
-/// Queues a distillation job of the tiny model `tiny-hf` on a prompts-only file, and returns a
-/// worker whose trainer records the conversations it receives in `seen`.
-async fn queue_prompts_distillation(setup: &Setup, prompts: &str, max_seq_len: u32) -> (NewJob, Worker, Arc<Mutex<Vec<studio_core::dataset::Conversation>>>) {
+/// Queues a distillation job of the tiny model `tiny-hf` (2 layers) on a prompts-only file, and
+/// returns a worker whose trainer records the conversations it receives in `seen`.
+async fn queue_prompts_distillation(
+    setup: &Setup,
+    prompts: &str,
+    max_seq_len: u32,
+    student_layers: Option<&[u32]>,
+) -> (NewJob, Worker, Arc<Mutex<Vec<studio_core::dataset::Conversation>>>) {
     let models = setup.services.models.dir().to_path_buf();
     studio_train::tiny::write_tiny_model_folder(&models.join("tiny-hf"), "llama", 3).unwrap();
     let file = FileId::new();
@@ -1146,11 +1151,14 @@ async fn queue_prompts_distillation(setup: &Setup, prompts: &str, max_seq_len: u
         idempotency_key: None,
     };
     setup.services.store.insert_file(&new_file).await.unwrap();
-    let body = json!({
+    let mut body = json!({
         "model": "tiny-hf", "training_file": file.as_str(), "training_type": {"type": "full"},
         "method": {"type": "distillation", "distillation": {"teacher_model": "tiny-hf",
             "hyperparameters": {"max_seq_len": max_seq_len}}},
     });
+    if let Some(layers) = student_layers {
+        body["method"]["distillation"]["student_layers"] = json!(layers);
+    }
     let job = NewJob { id: JobId::new(), spec: JobSpec::parse(&body, 5).unwrap(), max_attempts: 3, idempotency_key: None, request_hash: None };
     setup.services.store.insert_job(&job).await.unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -1169,7 +1177,7 @@ async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
         r#"{"messages": [{"role": "user", "content": "Name a colour"}]}"#,
         "\n",
     );
-    let (job, worker, seen) = queue_prompts_distillation(&setup, prompts, 16).await;
+    let (job, worker, seen) = queue_prompts_distillation(&setup, prompts, 16, None).await;
 
     worker.run_next_job(not_stopped()).await.unwrap();
     let record = setup.services.store.get_job(&job.id).await.unwrap();
@@ -1197,11 +1205,32 @@ async fn prompts_only_distillation_stores_teacher_replies(pool: PgPool) {
 }
 
 #[sqlx::test(migrations = "../../migrations")]
+async fn bad_student_layers_fail_before_teacher_replies(pool: PgPool) {
+    let setup = setup(pool).await;
+    let prompts = concat!(r#"{"prompt": "Hi"}"#, "\n");
+    let (job, worker, seen) = queue_prompts_distillation(&setup, prompts, 16, Some(&[0, 5])).await;
+
+    worker.run_next_job(not_stopped()).await.unwrap();
+    let record = setup.services.store.get_job(&job.id).await.unwrap();
+    let events = setup.event_messages(&job.id).await;
+
+    assert_eq!(record.status, JobStatus::Failed);
+    let error = record.error.expect("a failed job keeps its error");
+    assert_eq!(error.param.as_deref(), Some("method.distillation.student_layers"));
+    assert!(error.message.contains('5'), "{}", error.message);
+    assert!(seen.lock().unwrap().is_empty(), "the student trained");
+    assert!(
+        !events.iter().any(|message| message.starts_with("The teacher is writing replies")),
+        "the teacher started before the check: {events:?}"
+    );
+}
+
+#[sqlx::test(migrations = "../../migrations")]
 async fn cancel_stops_the_teacher_replies(pool: PgPool) {
     let setup = setup(pool).await;
     // Enough prompts that the teacher is still writing when the cancel arrives.
     let prompts: String = (0..2000).map(|i| format!("{{\"prompt\": \"Count to {i}\"}}\n")).collect();
-    let (job, worker, seen) = queue_prompts_distillation(&setup, &prompts, 64).await;
+    let (job, worker, seen) = queue_prompts_distillation(&setup, &prompts, 64, None).await;
     let store = setup.services.store.clone();
     let job_id = job.id.clone();
     let canceller = tokio::spawn(async move {
