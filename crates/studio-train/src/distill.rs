@@ -645,6 +645,7 @@ mod tests {
 
     use super::*;
     use crate::run::{StepMetrics, StopRequest};
+    use crate::tiny::counting_conversations;
     use crate::{Approach, CheckpointInfo, TrainSettings};
 
     #[derive(Default)]
@@ -671,17 +672,6 @@ mod tests {
         fn on_checkpoint(&mut self, checkpoint: &CheckpointInfo) {
             self.checkpoints.push(checkpoint.clone());
         }
-    }
-
-    fn conversations() -> Vec<Conversation> {
-        (0..8)
-            .map(|i| Conversation {
-                messages: vec![
-                    Message { role: Role::User, content: format!("count to {i}"), weight: None },
-                    Message { role: Role::Assistant, content: (0..=i).map(|n| n.to_string()).collect::<Vec<_>>().join(" "), weight: None },
-                ],
-            })
-            .collect()
     }
 
     /// Distils a 2-layer tiny teacher into its own first layer, from `resume` when given.
@@ -726,7 +716,7 @@ mod tests {
     fn distillation_resume_matches_uninterrupted_run() {
         let root = tempfile::tempdir().unwrap();
         crate::tiny::write_tiny_model_folder(&root.path().join("teacher"), "llama", 11).unwrap();
-        let examples = conversations();
+        let examples = counting_conversations();
 
         let mut whole = Recorder::default();
         distill(root.path(), "whole", &examples, None, &mut whole);

@@ -87,6 +87,36 @@ pub fn write_tiny_model_folder(dir: &std::path::Path, model_type: &str, seed: u6
         .map_err(|err| candle_core::Error::Msg(err.to_string()))
 }
 
+/// An observer that records nothing and never stops a run, for tests.
+#[cfg(test)]
+pub(crate) struct SilentObserver;
+
+#[cfg(test)]
+impl crate::TrainObserver for SilentObserver {
+    fn on_step(&mut self, _metrics: &crate::StepMetrics) {}
+
+    fn on_event(&mut self, _level: crate::EventLevel, _message: &str) {}
+
+    fn stop_request(&mut self) -> Option<crate::StopRequest> {
+        None
+    }
+}
+
+/// Eight short conversations whose replies count from 0 to the number in the request, for tests
+/// on tiny models.
+#[cfg(test)]
+pub(crate) fn counting_conversations() -> Vec<studio_core::dataset::Conversation> {
+    use studio_core::dataset::{Conversation, Message, Role};
+    (0..8)
+        .map(|i| Conversation {
+            messages: vec![
+                Message { role: Role::User, content: format!("count to {i}"), weight: None },
+                Message { role: Role::Assistant, content: (0..=i).map(|n| n.to_string()).collect::<Vec<_>>().join(" "), weight: None },
+            ],
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

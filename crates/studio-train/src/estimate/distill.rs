@@ -123,32 +123,10 @@ fn distillation_term_bytes(targets: usize, vocab: usize, kd_weight: f64) -> u64 
 mod tests {
     use std::path::Path;
 
-    use studio_core::dataset::Message;
-
     use super::*;
     use crate::estimate::{activation_bytes, estimate, EstimateMethod};
-    use crate::run::{Approach, EventLevel, LoraSettings, StepMetrics, StopRequest, TrainSettings};
-
-    struct Silent;
-
-    impl TrainObserver for Silent {
-        fn on_step(&mut self, _metrics: &StepMetrics) {}
-        fn on_event(&mut self, _level: EventLevel, _message: &str) {}
-        fn stop_request(&mut self) -> Option<StopRequest> {
-            None
-        }
-    }
-
-    fn conversations() -> Vec<Conversation> {
-        (0..8)
-            .map(|i| Conversation {
-                messages: vec![
-                    Message { role: Role::User, content: format!("count to {i}"), weight: None },
-                    Message { role: Role::Assistant, content: (0..=i).map(|n| n.to_string()).collect::<Vec<_>>().join(" "), weight: None },
-                ],
-            })
-            .collect()
-    }
+    use crate::run::{Approach, LoraSettings, TrainSettings};
+    use crate::tiny::{counting_conversations, SilentObserver};
 
     fn settings() -> TrainSettings {
         TrainSettings {
@@ -181,7 +159,7 @@ mod tests {
             hold_out_validation: true,
             measure_steps,
         };
-        estimate(&job, &mut Silent)
+        estimate(&job, &mut SilentObserver)
     }
 
     fn distill_settings(kd_weight: f64, student_layers: Option<Vec<usize>>) -> DistillSettings {
@@ -192,7 +170,7 @@ mod tests {
     fn distillation_estimate_counts_student_layers_and_teacher() {
         let dir = tempfile::tempdir().unwrap();
         crate::tiny::write_tiny_model_folder(dir.path(), "llama", 5).unwrap();
-        let conversations = conversations();
+        let conversations = counting_conversations();
         let distill = distill_settings(0.5, Some(vec![1]));
         let distilled = estimate_distillation(dir.path(), &conversations, &Approach::Full, &distill, 0).unwrap();
 
@@ -217,7 +195,7 @@ mod tests {
             hold_out_validation: true,
             measure_steps: 0,
         };
-        let supervised = estimate(&supervised_job, &mut Silent).unwrap();
+        let supervised = estimate(&supervised_job, &mut SilentObserver).unwrap();
         assert_eq!(distilled.examples, 8);
         assert_eq!(distilled.tokens_per_epoch, supervised.tokens_per_epoch);
         assert_eq!(distilled.steps_per_epoch, 4);
@@ -225,7 +203,7 @@ mod tests {
         // The 2 longest examples are the last 2, with the same tokens in the 1-layer student.
         let mut student_config = loaded.config.clone();
         student_config.num_hidden_layers = 1;
-        let encoded = crate::data::encode_examples(&loaded, &conversations, 1024, "max_seq_len", "training file", &mut Silent).unwrap();
+        let encoded = crate::data::encode_examples(&loaded, &conversations, 1024, "max_seq_len", "training file", &mut SilentObserver).unwrap();
         let (rows, seq_len) = (2, encoded[7].ids.len());
         let targets = encoded[6].n_targets() + encoded[7].n_targets();
         let vocab = loaded.tokenizer.get_vocab(true).len();
@@ -249,7 +227,7 @@ mod tests {
         crate::tiny::write_tiny_model_folder(dir.path(), "llama", 6).unwrap();
         let distill = distill_settings(0.5, None);
         let approach = Approach::Lora(LoraSettings::default());
-        let estimate = estimate_distillation(dir.path(), &conversations(), &approach, &distill, 2).unwrap();
+        let estimate = estimate_distillation(dir.path(), &counting_conversations(), &approach, &distill, 2).unwrap();
 
         let seconds = estimate.seconds_per_step.expect("a measured step time");
         assert!(seconds > 0.0, "{seconds}");
@@ -260,7 +238,7 @@ mod tests {
     fn distillation_estimate_rejects_prompts_only_file() {
         let dir = tempfile::tempdir().unwrap();
         crate::tiny::write_tiny_model_folder(dir.path(), "llama", 7).unwrap();
-        let prompts: Vec<Conversation> = conversations()
+        let prompts: Vec<Conversation> = counting_conversations()
             .into_iter()
             .map(|mut conversation| {
                 conversation.messages.truncate(1);
@@ -281,7 +259,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         crate::tiny::write_tiny_model_folder(dir.path(), "llama", 8).unwrap();
         let approach = Approach::Lora(LoraSettings::default());
-        let err = estimate_distillation(dir.path(), &conversations(), &approach, &distill_settings(0.5, Some(vec![0])), 0).unwrap_err();
+        let err = estimate_distillation(dir.path(), &counting_conversations(), &approach, &distill_settings(0.5, Some(vec![0])), 0).unwrap_err();
 
         assert_eq!(err.param(), Some("training_type"), "{err}");
     }

@@ -113,17 +113,8 @@ mod tests {
 
     use super::*;
     use crate::estimate::{estimate, EstimateMethod};
-    use crate::run::{EventLevel, LoraSettings, StepMetrics, StopRequest, TrainSettings};
-
-    struct Silent;
-
-    impl TrainObserver for Silent {
-        fn on_step(&mut self, _metrics: &StepMetrics) {}
-        fn on_event(&mut self, _level: EventLevel, _message: &str) {}
-        fn stop_request(&mut self) -> Option<StopRequest> {
-            None
-        }
-    }
+    use crate::run::{LoraSettings, TrainSettings};
+    use crate::tiny::SilentObserver;
 
     fn pair(prompt: &str, chosen: &str, rejected: &str) -> PreferencePair {
         PreferencePair {
@@ -172,7 +163,7 @@ mod tests {
             hold_out_validation: true,
             measure_steps,
         };
-        estimate(&job, &mut Silent).unwrap()
+        estimate(&job, &mut SilentObserver).unwrap()
     }
 
     #[test]
