@@ -56,7 +56,7 @@ pub struct StoreSettings {
     /// `postgres://…` for Postgres, or `sqlite://PATH` for an SQLite file;
     /// [`sqlite_url`] names the default file in the data folder.
     pub database_url: String,
-    /// Where artifacts go; [`ArtifactLocation::in_data_dir`] names the default folder.
+    /// The artifact location. [`ArtifactLocation::in_data_dir`] names the default folder.
     pub artifacts: ArtifactLocation,
     /// Base models: `NAME.gguf` files and Hugging Face folders `NAME/`.
     pub models_dir: PathBuf,
@@ -77,7 +77,7 @@ pub struct Services {
 
 impl Services {
     /// Connects to the database of `settings.database_url` (Postgres or SQLite, by its scheme)
-    /// and to the artifact store, checking that the store answers. It does not migrate; call
+    /// and to the artifact store, checking that the store responds. It does not migrate, so call
     /// [`migrate`] first.
     pub async fn open(settings: &StoreSettings) -> Result<Services, StoreError> {
         let clock = Arc::new(SystemClock);

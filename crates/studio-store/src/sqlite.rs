@@ -81,7 +81,7 @@ pub struct SqliteStore {
     clock: Arc<dyn Clock>,
     /// Wakes event readers of this process, such as the API of `smart-studio up`.
     // NOTE: SQLite has no cross-process notifications, so an insert by a worker in another
-    // process wakes no reader here; readers also re-read on a timer to see those events.
+    // process wakes no reader here. Readers also re-read on a timer to see those events.
     events: EventBus,
 }
 

@@ -11,8 +11,8 @@ use tokio::task::JoinSet;
 use super::storage_error;
 use crate::StoreError;
 
-/// The maximum number of parts of one writer that upload at once. With the buffer of the next part, a writer
-/// holds at most `(MAX_PARTS_IN_FLIGHT + 1) × part size` bytes in memory.
+/// The maximum number of parts of one writer that upload at once. With the buffer of the next
+/// part, a writer keeps at most `(MAX_PARTS_IN_FLIGHT + 1) × part size` bytes in memory.
 const MAX_PARTS_IN_FLIGHT: usize = 4;
 
 /// An artifact being written. The content goes out in parts of the store's part size: an
